@@ -28,7 +28,7 @@ def _check_votes(u_hat: torch.Tensor, iterations: int) -> None:
                          f"got {shape}")
     if not u_hat.is_floating_point():
         raise ValueError(f"expected floating-point predictions u_hat, got {u_hat.dtype}")
-    if not isinstance(iterations, int) or iterations < 1:
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"expected a positive number of routing iterations, got {iterations!r}")
 
 

@@ -86,6 +86,7 @@ def test_routing_rejects_bad_predictions(bad, message):
         dynamic_routing(bad)
 
 
-def test_routing_rejects_zero_iterations():
-    with pytest.raises(ValueError, match="positive number of routing iterations, got 0"):
-        dynamic_routing(torch.zeros(1, 2, 3, 4), iterations=0)
+@pytest.mark.parametrize("iterations", [0, True, 2.0])
+def test_routing_rejects_iterations_that_are_not_a_positive_integer(iterations):
+    with pytest.raises(ValueError, match=f"positive number of routing iterations, got {iterations}"):
+        dynamic_routing(torch.zeros(1, 2, 3, 4), iterations=iterations)
