@@ -1,0 +1,81 @@
+"""Losses of CapsNet (Sabour et al. 2017, chapter 05): margin loss and reconstruction loss.
+
+Every loss object used by :func:`capsutil.train.fit` is called as ``loss(output, images, labels)``
+with the model's output, the float images (B, 1, H, W) and the labels (B,), and returns a scalar.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def check_labels(labels: torch.Tensor, n_classes: int, batch: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``labels`` is an integer tensor (B,) with values in [0, n_classes)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"expected labels of shape (N,), got {shape}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"expected integer class labels, got {labels.dtype}")
+    if batch is not None and labels.shape[0] != batch:
+        raise ValueError(f"expected {batch} labels, one per image, got {labels.shape[0]}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"expected labels in 0..{n_classes - 1}, got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
+
+
+def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9,
+                m_minus: float = 0.1, lambda_absent: float = 0.5) -> torch.Tensor:
+    """Margin loss (Sabour et al. 2017, eq. 4), summed over classes and averaged over the batch.
+
+    ``L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2`` with ``T_k = 1``
+    for the true class. lengths: (B, K) capsule lengths; labels: (B,) class indices. Returns a
+    scalar.
+    """
+    if lengths.dim() != 2:
+        raise ValueError(f"expected capsule lengths of shape (B, K), got {tuple(lengths.shape)}")
+    check_labels(labels, lengths.shape[1], lengths.shape[0])
+    present = torch.nn.functional.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (B, K)
+    loss_present = present * torch.relu(m_plus - lengths) ** 2                         # (B, K)
+    loss_absent = lambda_absent * (1 - present) * torch.relu(lengths - m_minus) ** 2   # (B, K)
+    return (loss_present + loss_absent).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor,
+                        scale: float = 0.0005) -> torch.Tensor:
+    """Sum of squared pixel errors per image, times ``scale``, averaged over the batch (chapter 05).
+
+    reconstructions: (B, H*W) in [0, 1]; images: (B, 1, H, W) or (B, H*W). Returns a scalar.
+    The small scale keeps the decoder from dominating the margin loss.
+    """
+    target = images.reshape(images.shape[0], -1)                                      # (B, H*W)
+    if reconstructions.shape != target.shape:
+        raise ValueError(f"expected reconstructions of shape {tuple(target.shape)} to match the "
+                         f"images, got {tuple(reconstructions.shape)}")
+    return scale * ((reconstructions - target) ** 2).sum(dim=1).mean()
+
+
+class CapsNetLoss(nn.Module):
+    """Margin loss plus scaled reconstruction loss: the training objective of CapsNet.
+
+    Called as ``loss(output, images, labels)`` with a :class:`capsutil.models.CapsNetOutput`;
+    :meth:`parts` returns both terms separately for plots.
+    """
+
+    def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lambda_absent: float = 0.5,
+                 reconstruction_scale: float = 0.0005):
+        super().__init__()
+        self.m_plus, self.m_minus, self.lambda_absent = m_plus, m_minus, lambda_absent
+        self.reconstruction_scale = reconstruction_scale
+
+    def parts(self, output, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"margin": ..., "reconstruction": ...}``, each a scalar tensor."""
+        return {
+            "margin": margin_loss(output.lengths, labels, self.m_plus, self.m_minus,
+                                  self.lambda_absent),
+            "reconstruction": reconstruction_loss(output.reconstructions, images,
+                                                  self.reconstruction_scale),
+        }
+
+    def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(output, images, labels)
+        return parts["margin"] + parts["reconstruction"]

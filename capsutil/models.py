@@ -1,0 +1,155 @@
+"""CapsNet (Sabour et al. 2017, chapter 05) and the registry of named models.
+
+The registry maps a name (``"capsnet"``) to the model class and its training loss, so training,
+checkpoints and pretrained weights work for any registered model: each model stores its
+constructor arguments in ``model.config`` and can be rebuilt with ``build_model(name, **config)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from capsutil.layers import Decoder, DigitCaps, PrimaryCaps, capsule_lengths
+from capsutil.losses import CapsNetLoss, check_labels
+
+
+@dataclass
+class CapsNetOutput:
+    """What :class:`CapsNet` returns for a batch of B images.
+
+    lengths: (B, K) digit-capsule lengths (class probabilities); poses: (B, K, E) digit
+    capsules; reconstructions: (B, H*W) decoder output in [0, 1]; couplings: the coupling
+    coefficients of each routing iteration, each (B, I, K), when asked for.
+    """
+
+    lengths: torch.Tensor
+    poses: torch.Tensor
+    reconstructions: torch.Tensor
+    couplings: list[torch.Tensor] | None = None
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """The predicted class of each image: the longest digit capsule, int64 (B,)."""
+        return self.lengths.argmax(dim=1)
+
+
+def check_images(images: torch.Tensor, channels: int, size: int) -> None:
+    """Raise ``ValueError`` unless ``images`` is a float tensor of shape (N, channels, size, size)."""
+    expected = f"(N, {channels}, {size}, {size})"
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"expected images as a tensor of shape {expected}, got {type(images).__name__}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
+        got = "(" + ", ".join(["N", *map(str, images.shape[1:])][:images.dim()]) + ")"
+        raise ValueError(f"expected images of shape {expected}, got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got {images.dtype}; "
+                         f"convert with capsutil.data.to_float")
+
+
+class CapsNet(nn.Module):
+    """Conv1 -> PrimaryCaps -> DigitCaps (routing by agreement) -> Decoder (chapter 05).
+
+    Paper configuration (the defaults): Conv1 256 kernels 9x9 stride 1 with ReLU (20x20x256);
+    PrimaryCaps 32 maps of 8-D capsules, 9x9 stride 2 (1152 capsules); DigitCaps 10 capsules of
+    16-D, 3 routing iterations; decoder 160 -> 512 -> 1024 -> 784. 8,215,568 parameters.
+
+    ``forward(images, labels)`` takes float images (B, C, H, W) in [0, 1] and returns a
+    :class:`CapsNetOutput`. The decoder sees the capsule of the true label in training mode
+    (when labels are given) and the capsule of the predicted class otherwise.
+    """
+
+    model_name = "capsnet"
+    compiled_parts = ("digits",)      # what capsutil.train.compile_model compiles
+
+    def __init__(self, image_size: int = 28, in_channels: int = 1, conv_channels: int = 256,
+                 conv_kernel: int = 9, primary_maps: int = 32, primary_dims: int = 8,
+                 primary_kernel: int = 9, primary_stride: int = 2, classes: int = 10,
+                 digit_dims: int = 16, routing_iterations: int = 3,
+                 decoder_hidden: tuple[int, ...] = (512, 1024)):
+        super().__init__()
+        self.config = dict(image_size=image_size, in_channels=in_channels,
+                           conv_channels=conv_channels, conv_kernel=conv_kernel,
+                           primary_maps=primary_maps, primary_dims=primary_dims,
+                           primary_kernel=primary_kernel, primary_stride=primary_stride,
+                           classes=classes, digit_dims=digit_dims,
+                           routing_iterations=routing_iterations,
+                           decoder_hidden=list(decoder_hidden))
+        conv_size = image_size - conv_kernel + 1
+        primary_size = (conv_size - primary_kernel) // primary_stride + 1
+        if primary_size < 1:
+            raise ValueError(f"images of {image_size}x{image_size} are too small for kernels "
+                             f"{conv_kernel} and {primary_kernel}")
+        self.image_size, self.in_channels = image_size, in_channels
+        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
+        self.primary = PrimaryCaps(conv_channels, primary_maps, primary_dims, primary_kernel,
+                                   primary_stride)
+        self.digits = DigitCaps(primary_maps * primary_size**2, primary_dims, classes, digit_dims,
+                                routing_iterations)
+        self.decoder = Decoder(classes, digit_dims, tuple(decoder_hidden),
+                               in_channels * image_size**2)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                return_couplings: bool = False) -> CapsNetOutput:
+        check_images(images, self.in_channels, self.image_size)
+        u = self.primary(torch.relu(self.conv1(images)))              # (B, I, D)
+        routed = self.digits(u, return_couplings=return_couplings)
+        poses, couplings = routed if return_couplings else (routed, None)   # (B, J, E)
+        lengths = capsule_lengths(poses)                              # (B, J)
+        if self.training and labels is not None:
+            check_labels(labels, lengths.shape[1], lengths.shape[0])
+            index = labels
+        else:
+            index = lengths.argmax(dim=1)
+        return CapsNetOutput(lengths, poses, self.decoder(poses, index), couplings)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1]; in eval mode."""
+        check_images(images, self.in_channels, self.image_size)
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError(f"expected pixel values in [0, 1], got values from "
+                             f"{float(images.min()):g} to {float(images.max()):g}")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            predicted = torch.cat([self(chunk.to(device)).predictions
+                                   for chunk in images.split(batch_size)])      # (N,)
+        finally:
+            self.train(was_training)
+        return predicted.to(images.device)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered model: its class and the loss it is trained with."""
+
+    model: Callable[..., nn.Module]
+    loss: Callable[[], nn.Module]
+
+
+MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss)}
+
+
+def _entry(name: str) -> Entry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(name: str, **config) -> nn.Module:
+    """A fresh model registered as ``name``, with constructor arguments ``config``."""
+    return _entry(name).model(**config)
+
+
+def build_loss(name: str) -> nn.Module:
+    """The training loss of the model registered as ``name``."""
+    return _entry(name).loss()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from capsutil import checkpoints
+from capsutil.models import CapsNet
+from capsutil.pretrained import WEIGHTS_DIR, info, pretrained
+
+TINY = dict(conv_channels=8, primary_maps=4, primary_dims=4, digit_dims=6, decoder_hidden=(16, 32))
+RECIPE = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "lr_decay": 0.9}
+
+
+@pytest.fixture
+def exported(tmp_path):
+    torch.manual_seed(0)
+    model = CapsNet(**TINY)
+    checkpoints.export(model, tmp_path, recipe=RECIPE, metrics={"test_accuracy": 0.5})
+    return model, tmp_path
+
+
+def test_pretrained_returns_the_exported_model_in_eval_mode_with_float16_rounded_weights(exported):
+    model, folder = exported
+    loaded = pretrained("capsnet", weights_dir=folder)
+    assert isinstance(loaded, CapsNet) and not loaded.training
+    assert loaded.config == model.config
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.half().float(), rtol=0, atol=0)
+    images = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(loaded(images).lengths, model.eval()(images).lengths,
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_export_records_sha256_config_recipe_and_metrics_in_json_beside_the_weights(exported):
+    model, folder = exported
+    record = json.loads((folder / "capsnet.json").read_text())
+    assert record["file"] == "capsnet.pt" and record["dtype"] == "float16"
+    assert record["sha256"] == checkpoints.sha256_of(folder / "capsnet.pt")
+    assert record["bytes"] == (folder / "capsnet.pt").stat().st_size
+    assert record["config"] == model.config and record["recipe"] == RECIPE
+    assert record["metrics"] == {"test_accuracy": 0.5}
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info("capsnet", weights_dir=folder) == record
+
+
+def test_changed_weights_fail_the_sha256_check(exported):
+    _, folder = exported
+    data = bytearray((folder / "capsnet.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (folder / "capsnet.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="capsnet.pt is corrupt or was changed: its sha256 is"):
+        pretrained("capsnet", weights_dir=folder)
+
+
+def test_truncated_weights_with_a_matching_record_still_raise_clearly(exported):
+    _, folder = exported
+    path = folder / "capsnet.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    record = json.loads((folder / "capsnet.json").read_text())
+    record["sha256"] = checkpoints.sha256_of(path)
+    (folder / "capsnet.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="capsnet.pt is truncated or corrupt"):
+        pretrained("capsnet", weights_dir=folder)
+
+
+def test_missing_weights_raise_file_not_found_saying_how_to_make_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained weights for 'capsnet'.*capsutil.train capsnet"):
+        pretrained("capsnet", weights_dir=tmp_path)
+
+
+def test_a_record_without_its_weights_file_raises_file_not_found(exported):
+    _, folder = exported
+    (folder / "capsnet.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="weights file .*capsnet.pt not found"):
+        pretrained("capsnet", weights_dir=folder)
+
+
+def test_a_corrupt_record_raises_value_error(exported):
+    _, folder = exported
+    (folder / "capsnet.json").write_text("{not json")
+    with pytest.raises(ValueError, match="weights record .*capsnet.json is corrupt"):
+        pretrained("capsnet", weights_dir=folder)
+
+
+def test_unknown_model_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown model 'resnet'; expected one of"):
+        pretrained("resnet")
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "capsnet.json").is_file(), reason="no shipped weights yet")
+def test_shipped_capsnet_weights_pass_their_integrity_check_and_have_the_paper_size():
+    model = pretrained("capsnet")
+    assert sum(p.numel() for p in model.parameters()) == 8_215_568
+    assert model.config == CapsNet().config
+    assert 0 < info("capsnet")["metrics"]["test_accuracy"] <= 1
