@@ -7,7 +7,7 @@ Two kinds of file:
   history), written atomically so an interrupted write never leaves a half file in its place;
 * **exported weights** (``export`` / ``load_exported``): the model's parameters only (float16 by
   default), with a JSON file beside it recording the file's sha256, the model's configuration,
-  the training recipe and its results. :func:`capsutil.pretrained.pretrained` loads these.
+  the training recipe and its results. :func:`capsutil.pretrained` loads these.
 """
 from __future__ import annotations
 

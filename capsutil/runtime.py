@@ -66,10 +66,15 @@ def setup(seed: int = 0) -> torch.device:
     return device
 
 
-def provenance(*, n_train: int, n_test: int, device: torch.device, epochs: float,
+def provenance(*, n_train: int, n_test: int, device: torch.device | str, epochs: float,
                seconds: float, data: str) -> str:
-    """Print and return the one-line record every training chapter shows under its results."""
+    """Print and return the one-line record every training chapter shows under its results.
+
+    ``device`` is the device that trained, or for a recorded run the description saved with it
+    (a string such as an exported model's ``metrics["trained_on"]``), printed as it is.
+    """
+    where = device if isinstance(device, str) else describe_device(device)
     line = (f"provenance: mode {mode()} | data {data} | train {n_train:,} | test {n_test:,} | "
-            f"device {describe_device(device)} | epochs {epochs:g} | wall time {seconds:,.1f} s")
+            f"device {where} | epochs {epochs:g} | wall time {seconds:,.1f} s")
     print(line)
     return line

@@ -5,7 +5,7 @@ import torch
 
 from capsutil import checkpoints
 from capsutil.models import CapsNet
-from capsutil.pretrained import WEIGHTS_DIR, info, pretrained
+from capsutil.zoo import WEIGHTS_DIR, info, pretrained
 
 TINY = dict(conv_channels=8, primary_maps=4, primary_dims=4, digit_dims=6, decoder_hidden=(16, 32))
 RECIPE = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "lr_decay": 0.9}

@@ -41,3 +41,9 @@ def test_provenance_line_names_mode_sizes_device_epochs_and_time(capsys):
     for part in ("mode quick", "data MNIST", "train 60,000", "test 10,000", "device cpu",
                  "epochs 2", "wall time 12.3 s"):
         assert part in line
+
+
+def test_provenance_prints_a_recorded_device_description_as_it_is():
+    line = capsutil.provenance(n_train=10, n_test=5, device="cuda (NVIDIA H100)", epochs=1,
+                               seconds=2.0, data="MNIST")
+    assert "| device cuda (NVIDIA H100) |" in line

@@ -1,4 +1,4 @@
-"""Trained models shipped with the book, loaded with an integrity check.
+"""Trained models shipped with the book, loaded with an integrity check (``capsutil.pretrained``).
 
 ``pretrained("capsnet")`` reads ``capsutil/weights/capsnet.json``, checks that the sha256 of
 ``capsnet.pt`` matches the one recorded there, and returns the model in eval mode. The files are
