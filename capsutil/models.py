@@ -49,6 +49,24 @@ def check_images(images: torch.Tensor, channels: int, size: int) -> None:
                          f"convert with capsutil.data.to_float")
 
 
+@torch.no_grad()
+def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+                       prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+    """Predicted classes, int64 (N,) on the CPU, of ``model`` in eval mode for ``images`` (N, ...).
+
+    Each chunk of ``batch_size`` images goes through ``prepare`` (e.g. uint8 -> float) and onto
+    the model's device; the model's training/eval mode is restored afterwards.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(prepare(chunk).to(device)).predictions.cpu()
+                          for chunk in images.split(batch_size)])                 # (N,)
+    finally:
+        model.train(was_training)
+
+
 class CapsNet(nn.Module):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing by agreement) -> Decoder (chapter 05).
 
@@ -112,15 +130,7 @@ class CapsNet(nn.Module):
         if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
             raise ValueError(f"expected pixel values in [0, 1], got values from "
                              f"{float(images.min()):g} to {float(images.max()):g}")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            predicted = torch.cat([self(chunk.to(device)).predictions
-                                   for chunk in images.split(batch_size)])      # (N,)
-        finally:
-            self.train(was_training)
-        return predicted.to(images.device)
+        return predict_in_batches(self, images, batch_size).to(images.device)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from capsutil import runtime
 from capsutil.checkpoints import export, load_checkpoint, rebuild, save_checkpoint
 from capsutil.data import Digits, load_mnist, random_shift, to_float
-from capsutil.models import MODELS, build_loss, build_model
+from capsutil.models import MODELS, build_loss, build_model, predict_in_batches
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size")
@@ -142,15 +142,7 @@ def evaluate(model: nn.Module, digits: Digits, batch_size: int = 500) -> Evaluat
     """
     if batch_size < 1:
         raise ValueError(f"expected a positive batch size, got {batch_size}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        predictions = torch.cat([
-            model(to_float(images).to(device)).predictions.cpu()
-            for images in digits.images.split(batch_size)])                # (N,)
-    finally:
-        model.train(was_training)
+    predictions = predict_in_batches(model, digits.images, batch_size, prepare=to_float)  # (N,)
     accuracy = int((predictions == digits.labels).sum()) / max(len(digits), 1)
     return Evaluation(accuracy, predictions, digits.labels.clone())
 
