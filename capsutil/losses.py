@@ -1,4 +1,5 @@
-"""Losses of CapsNet (Sabour et al. 2017, chapter 05): margin loss and reconstruction loss.
+"""Losses: CapsNet's margin and reconstruction losses (Sabour et al. 2017, chapter 05) and the
+spread loss of matrix capsules (Hinton et al. 2018, chapter 08).
 
 Every loss object used by :func:`capsutil.train.fit` is called as ``loss(output, images, labels)``
 with the model's output, the float images (B, 1, H, W) and the labels (B,), and returns a scalar.
@@ -79,3 +80,49 @@ class CapsNetLoss(nn.Module):
     def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         parts = self.parts(output, images, labels)
         return parts["margin"] + parts["reconstruction"]
+
+
+def spread_loss(activations: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Spread loss (Hinton, Sabour & Frosst 2018, eq. 3), averaged over the batch (chapter 08).
+
+    ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``: every wrong class i whose activation is not
+    at least ``margin`` below the target's ``a_t`` is pushed down (and the target up).
+    activations: (B, K); labels: (B,) class indices. Returns a scalar.
+    """
+    if activations.dim() != 2:
+        raise ValueError(f"expected class activations of shape (B, K), got {tuple(activations.shape)}")
+    check_labels(labels, activations.shape[1], activations.shape[0])
+    target = activations.gather(1, labels.unsqueeze(1))                              # (B, 1)
+    spread = torch.relu(margin - (target - activations)) ** 2                       # (B, K)
+    wrong = 1 - torch.nn.functional.one_hot(labels, activations.shape[1]).to(spread.dtype)
+    return (spread * wrong).sum(dim=1).mean()
+
+
+class SpreadLoss(nn.Module):
+    """Spread loss with the paper's margin schedule: ``m`` rises linearly from ``margin_start``
+    (0.2) to ``margin_end`` (0.9) over the first ``ramp_steps`` training steps, then stays.
+
+    The loss counts the training steps it has seen (calls with autograd on, in training mode)
+    in a buffer, so the schedule is part of its state dict and resumes with a checkpoint.
+    Called as ``loss(output, images, labels)`` with a :class:`capsutil.models.MatrixCapsNetOutput`.
+    """
+
+    def __init__(self, margin_start: float = 0.2, margin_end: float = 0.9, ramp_steps: int = 3000):
+        super().__init__()
+        if not 0 <= margin_start <= margin_end or not isinstance(ramp_steps, int) or ramp_steps < 1:
+            raise ValueError(f"expected 0 <= margin_start <= margin_end and a positive integer "
+                             f"ramp_steps, got {margin_start!r}, {margin_end!r}, {ramp_steps!r}")
+        self.margin_start, self.margin_end, self.ramp_steps = margin_start, margin_end, ramp_steps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def margin(self) -> float:
+        """The margin of the next training step."""
+        progress = min(int(self.steps) / self.ramp_steps, 1.0)
+        return self.margin_end * progress + self.margin_start * (1 - progress)
+
+    def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = spread_loss(output.activations, labels, self.margin)
+        if self.training and torch.is_grad_enabled():
+            self.steps += 1
+        return loss

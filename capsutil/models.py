@@ -1,4 +1,5 @@
-"""CapsNet (Sabour et al. 2017, chapter 05) and the registry of named models.
+"""CapsNet (Sabour et al. 2017, chapter 05), matrix capsules (Hinton et al. 2018, chapter 08)
+and the registry of named models.
 
 The registry maps a name (``"capsnet"``) to the model class and its training loss, so training,
 checkpoints and pretrained weights work for any registered model: each model stores its
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from capsutil.layers import Decoder, DigitCaps, PrimaryCaps, capsule_lengths
-from capsutil.losses import CapsNetLoss, check_labels
+from capsutil.losses import CapsNetLoss, SpreadLoss, check_labels
+from capsutil.matrix_layers import (ClassCaps, ConvCaps, PrimaryMatrixCaps, coordinate_offsets,
+                                    receptive_field_centres)
 
 
 @dataclass
@@ -67,7 +70,24 @@ def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int =
         model.train(was_training)
 
 
-class CapsNet(nn.Module):
+class ImageClassifier(nn.Module):
+    """A model of images (B, ``in_channels``, ``image_size``, ``image_size``) whose output has
+    ``predictions`` (B,); it gains :meth:`predict`."""
+
+    in_channels: int
+    image_size: int
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1]; in eval mode."""
+        check_images(images, self.in_channels, self.image_size)
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError(f"expected pixel values in [0, 1], got values from "
+                             f"{float(images.min()):g} to {float(images.max()):g}")
+        return predict_in_batches(self, images, batch_size).to(images.device)
+
+
+class CapsNet(ImageClassifier):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing by agreement) -> Decoder (chapter 05).
 
     Paper configuration (the defaults): Conv1 256 kernels 9x9 stride 1 with ReLU (20x20x256);
@@ -123,14 +143,85 @@ class CapsNet(nn.Module):
             index = lengths.argmax(dim=1)
         return CapsNetOutput(lengths, poses, self.decoder(poses, index), couplings)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1]; in eval mode."""
+
+@dataclass
+class MatrixCapsNetOutput:
+    """What :class:`MatrixCapsNet` returns for a batch of B images.
+
+    activations: (B, K) class-capsule activations in (0, 1); poses: (B, K, 4, 4) class poses;
+    assignments: when asked for, the EM-routing assignments of every iteration of each routed
+    layer, ``{"conv_caps1": [...], "conv_caps2": [...], "class_caps": [...]}``, each
+    (rows, children, parents) as in the layers' docstrings.
+    """
+
+    activations: torch.Tensor
+    poses: torch.Tensor
+    assignments: dict[str, list[torch.Tensor]] | None = None
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """The predicted class of each image: the most active class capsule, int64 (B,)."""
+        return self.activations.argmax(dim=1)
+
+
+class MatrixCapsNet(ImageClassifier):
+    """Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> class capsules, EM routing (chapter 08).
+
+    Hinton, Sabour & Frosst (2018), figure 1: Conv1 ``A`` kernels 5x5 stride 2 with ReLU;
+    PrimaryCaps ``B`` types of 4x4 pose + activation (1x1); ConvCaps1 ``C`` types, K=3 stride 2;
+    ConvCaps2 ``D`` types, K=3 stride 1; class capsules with transformation matrices shared
+    across positions and coordinate addition. On 28x28 images the grids are 12x12, 12x12, 5x5,
+    3x3. The paper's configuration is A=B=C=D=32 (318,964 parameters); the small one A=64, B=8,
+    C=D=16 (68,444). ``detach_intermediate=False`` (default) backpropagates through every
+    routing iteration: with the earlier iterations detached, as CapsNet's routing does,
+    the network learns far more slowly (chapter 08 measures it). ``forward(images)`` takes float images (B, C, H, W) in [0, 1] and returns a
+    :class:`MatrixCapsNetOutput` (labels are accepted, and unused, for the training loop).
+    """
+
+    model_name = "matrix"
+    compiled_parts = ()     # eager: see the note on torch.compile in chapter 08
+
+    def __init__(self, A: int = 32, B: int = 32, C: int = 32, D: int = 32, iterations: int = 3,
+                 image_size: int = 28, in_channels: int = 1, classes: int = 10,
+                 coordinate_addition: bool = True, detach_intermediate: bool = False):
+        super().__init__()
+        self.config = dict(A=A, B=B, C=C, D=D, iterations=iterations, image_size=image_size,
+                           in_channels=in_channels, classes=classes,
+                           coordinate_addition=coordinate_addition,
+                           detach_intermediate=detach_intermediate)
+        geometry = [(5, 2), (1, 1), (3, 2), (3, 1)]     # (kernel, stride) from the image up
+        size = image_size
+        for kernel, stride in geometry:
+            size = (size - kernel) // stride + 1
+        if size < 1:
+            raise ValueError(f"images of {image_size}x{image_size} are too small for "
+                             f"MatrixCapsNet's layers (at least 17x17)")
+        self.image_size, self.in_channels = image_size, in_channels
+        self.conv1 = nn.Conv2d(in_channels, A, kernel_size=5, stride=2)
+        self.primary = PrimaryMatrixCaps(A, B)
+        routing = dict(iterations=iterations, detach_intermediate=detach_intermediate)
+        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, **routing)
+        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, **routing)
+        self.class_caps = ClassCaps(D, classes, positions=size * size, **routing)
+        centres = receptive_field_centres(size, geometry, image_size)   # (3,) on 28x28
+        offsets = coordinate_offsets(centres, centres, D) if coordinate_addition else None
+        self.register_buffer("coordinate_offsets", offsets, persistent=False)   # (I, 16)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                return_assignments: bool = False) -> MatrixCapsNetOutput:
         check_images(images, self.in_channels, self.image_size)
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError(f"expected pixel values in [0, 1], got values from "
-                             f"{float(images.min()):g} to {float(images.max()):g}")
-        return predict_in_batches(self, images, batch_size).to(images.device)
+        x = torch.relu(self.conv1(images))                            # (B, A, 12, 12)
+        poses, acts = self.primary(x)                                 # (B, 12, 12, B, 4, 4)
+        assignments = {}
+        for name in ("conv_caps1", "conv_caps2"):                     # 5x5xC, then 3x3xD
+            routed = getattr(self, name)(poses, acts, return_assignments=return_assignments)
+            poses, acts = routed[:2]
+            if return_assignments:
+                assignments[name] = routed[2]
+        routed = self.class_caps(poses, acts, self.coordinate_offsets, return_assignments)
+        if return_assignments:
+            assignments["class_caps"] = routed[2]
+        return MatrixCapsNetOutput(routed[1], routed[0], assignments or None)   # (B, K), (B, K, 4, 4)
 
 
 @dataclass(frozen=True)
@@ -141,7 +232,8 @@ class Entry:
     loss: Callable[[], nn.Module]
 
 
-MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss)}
+MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss),
+                           "matrix": Entry(MatrixCapsNet, SpreadLoss)}
 
 
 def _entry(name: str) -> Entry:

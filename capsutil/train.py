@@ -15,12 +15,14 @@ Command line (a long run can go in the background and be resumed)::
 
     python -m capsutil.train capsnet --epochs 30 --run-dir runs/capsnet --data-root DIR
     python -m capsutil.train capsnet --epochs 30 --run-dir runs/capsnet --data-root DIR --resume
+    python -m capsutil.train matrix --config '{"A": 64, "B": 8, "C": 16, "D": 16}' ...
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import functools
+import json
 import math
 import os
 import sys
@@ -113,12 +115,13 @@ def compile_model(model: nn.Module) -> bool:
 
     CapsNet lists its digit capsules: the routing's softmax, products and sums fuse into a few
     loops. The maths is unchanged (sums may be reordered in the last bits); the state dict keeps
-    its keys. Where :func:`compile_works` is False the model stays eager. Returns True when
-    compiled.
+    its keys. Where :func:`compile_works` is False, or the model lists no parts, the model stays
+    eager. Returns True when something was compiled.
     """
-    if not compile_works(next(model.parameters()).device.type):
+    parts = getattr(model, "compiled_parts", ())
+    if not parts or not compile_works(next(model.parameters()).device.type):
         return False
-    for name in getattr(model, "compiled_parts", ()):
+    for name in parts:
         model.get_submodule(name).compile()
     return True
 
@@ -330,6 +333,8 @@ def main(argv: list[str] | None = None) -> History:
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--run-dir", required=True, help="where checkpoint.pt is written")
     parser.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
+    parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+                        help='model constructor arguments, e.g. \'{"A": 64, "B": 8, "C": 16, "D": 16}\'')
     parser.add_argument("--resume", action="store_true", help="continue run-dir's checkpoint")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> History:
         torch.set_num_threads(args.threads)
     device = runtime.setup(seed=args.seed)
     train, test = load_mnist("train", args.data_root), load_mnist("test", args.data_root)
-    model, loss_fn = build_model(args.model).to(device), build_loss(args.model).to(device)
+    model = build_model(args.model, **args.config).to(device)
+    loss_fn = build_loss(args.model).to(device)
     history = fit(model, loss_fn, train, test, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, run_dir=args.run_dir,
                   checkpoint_every=args.checkpoint_every, resume=args.resume,
