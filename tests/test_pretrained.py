@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from capsutil import checkpoints
-from capsutil.models import CapsNet
+from capsutil.data import load_sample, to_float
+from capsutil.models import CapsNet, MatrixCapsNet
 from capsutil.zoo import WEIGHTS_DIR, info, pretrained
 
 TINY = dict(conv_channels=8, primary_maps=4, primary_dims=4, digit_dims=6, decoder_hidden=(16, 32))
@@ -93,3 +94,25 @@ def test_shipped_capsnet_weights_pass_their_integrity_check_and_have_the_paper_s
     assert sum(p.numel() for p in model.parameters()) == 8_215_568
     assert model.config == CapsNet().config
     assert 0 < info("capsnet")["metrics"]["test_accuracy"] <= 1
+
+
+def test_an_exported_matrix_capsnet_comes_back_with_the_same_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = MatrixCapsNet(A=8, B=4, C=4, D=4, iterations=2).eval()
+    checkpoints.export(model, tmp_path, recipe=RECIPE, metrics={"test_accuracy": 0.5})
+    loaded = pretrained("matrix", weights_dir=tmp_path)
+    assert isinstance(loaded, MatrixCapsNet) and not loaded.training
+    assert loaded.config == model.config
+    images = torch.rand(6, 1, 28, 28)
+    torch.testing.assert_close(loaded(images).activations, model(images).activations,
+                               rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "matrix.json").is_file(), reason="no shipped weights yet")
+def test_shipped_matrix_capsnet_passes_its_integrity_check_and_classifies_the_sample():
+    model = pretrained("matrix")
+    assert model.config["A"] == 64 and model.config["B"] == 8
+    assert sum(p.numel() for p in model.parameters()) == 68_444
+    test = load_sample("test")
+    accuracy = (model.predict(to_float(test.images)) == test.labels).float().mean().item()
+    assert accuracy >= 0.97, f"shipped matrix capsules classify the sample at {accuracy:.2%}"

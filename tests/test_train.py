@@ -199,3 +199,16 @@ def test_resuming_with_fewer_epochs_than_done_is_refused(sample, tmp_path):
     with pytest.raises(ValueError, match="already 2 epochs and 0 batches in; ask for at least 2"):
         train.fit(_tiny(), CapsNetLoss(), _spread(sample, 64), epochs=1, batch_size=16,
                   run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_command_line_builds_the_model_from_a_json_config_and_resumes_only_the_same(tmp_path,
+                                                                                    capsys):
+    config = '{"A": 8, "B": 4, "C": 4, "D": 4, "iterations": 2}'
+    args = ["matrix", "--epochs", "1", "--batch-size", "4", "--run-dir", str(tmp_path / "run"),
+            "--data-root", str(tmp_path / "no-data"), "--eager", "--max-steps", "1"]
+    train.main(args + ["--config", config])
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["model"] == "matrix" and checkpoint["config"]["A"] == 8
+    assert checkpoint["config"]["iterations"] == 2
+    with pytest.raises(ValueError, match="holds model 'matrix' with config"):
+        train.main(args[:-1] + ["2", "--resume"])              # the default config differs
