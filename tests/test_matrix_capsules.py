@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from capsutil import checkpoints, train
+from capsutil import checkpoints, matrix_layers, train
 from capsutil.data import Digits, load_sample
 from capsutil.losses import SpreadLoss, spread_loss
 from capsutil.matrix_layers import (ClassCaps, ConvCaps, coordinate_offsets,
@@ -206,3 +206,23 @@ def test_resuming_gives_the_weights_and_margin_of_an_uninterrupted_run(sample, t
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(),
                                                  resumed.state_dict().values()))
     assert int(resumed_loss.steps) == int(straight_loss.steps) == 8
+
+
+def test_routing_in_checkpointed_chunks_gives_the_outputs_and_gradients_of_one_call(monkeypatch):
+    torch.manual_seed(0)
+    caps = ConvCaps(3, 4, kernel=3, stride=1, iterations=3).double()   # float64: exact sums
+    poses = torch.randn(2, 5, 5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    acts = torch.rand(2, 5, 5, 3, dtype=torch.float64)
+
+    def outputs_and_gradients():
+        pose_out, a_out = caps(poses, acts)
+        (pose_out.square().sum() + a_out.sum()).backward()
+        grads = [poses.grad.clone(), caps.weight.grad.clone(), caps.beta_a.grad.clone()]
+        poses.grad = caps.weight.grad = caps.beta_u.grad = caps.beta_a.grad = None
+        return [pose_out.detach(), a_out.detach(), *grads]
+
+    whole = outputs_and_gradients()
+    row_bytes = 27 * 4 * 16 * 8                               # one row of votes: I x J x 16 doubles
+    monkeypatch.setattr(matrix_layers, "ROUTING_CHUNK_BYTES", 5 * row_bytes)   # 18 rows: 4 chunks
+    for expected, got in zip(whole, outputs_and_gradients()):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
