@@ -137,9 +137,12 @@ class _RoutedCaps(nn.Module):
         """The transformation matrices W the votes use: (weights, J, 4, 4)."""
         return self.weight * self.gain
 
-    def route(self, votes: torch.Tensor, activations: torch.Tensor, return_assignments: bool):
-        """EM routing of votes (R, J, I, 16) and child activations (R, I).
+    def route(self, votes: torch.Tensor, activations: torch.Tensor, grid: tuple[int, ...],
+              return_assignments: bool):
+        """EM routing of votes (R, J, I, 16) and child activations (R, I), R = prod(grid).
 
+        Returns parent poses (*grid, J, 4, 4) and activations (*grid, J); with
+        ``return_assignments`` also the assignments of every iteration, each (R, I, J).
         Rows route independently. When autograd records and the votes exceed
         ``ROUTING_CHUNK_BYTES``, the rows go through in chunks under activation checkpointing:
         each chunk's routing keeps nothing for the backward pass and is recomputed there, so
@@ -149,10 +152,15 @@ class _RoutedCaps(nn.Module):
         """
         rows_per_chunk = max(1, ROUTING_CHUNK_BYTES // (votes[0].numel() * votes.element_size()))
         if return_assignments or not torch.is_grad_enabled() or len(votes) <= rows_per_chunk:
-            return self._em_routing(votes, activations, return_assignments)
-        routed = [checkpoint(self._em_routing, v, a, False, use_reentrant=False)
-                  for v, a in zip(votes.split(rows_per_chunk), activations.split(rows_per_chunk))]
-        return tuple(torch.cat(parts) for parts in zip(*routed))       # (R, J, 16), (R, J)
+            routed = self._em_routing(votes, activations, return_assignments)
+        else:
+            chunks = [checkpoint(self._em_routing, v, a, False, use_reentrant=False)
+                      for v, a in zip(votes.split(rows_per_chunk), activations.split(rows_per_chunk))]
+            routed = tuple(torch.cat(parts) for parts in zip(*chunks))  # (R, J, 16), (R, J)
+        parents = votes.shape[1]
+        poses = routed[0].reshape(*grid, parents, POSE_SIZE, POSE_SIZE)   # (*grid, J, 4, 4)
+        out = (poses, routed[1].reshape(*grid, parents))                 # (*grid, J)
+        return (*out, routed[2]) if return_assignments else out
 
     def _em_routing(self, votes: torch.Tensor, activations: torch.Tensor, return_assignments: bool):
         return em_routing(votes.transpose(1, 2), activations, self.beta_u, self.beta_a,
@@ -184,11 +192,8 @@ class ConvCaps(_RoutedCaps):
         rows = b * ho * wo
         votes = transform_votes(pose_windows.reshape(rows, children, POSE_SIZE, POSE_SIZE),
                                 self.transforms)                       # (R, J, I, 16)
-        routed = self.route(votes, act_windows.reshape(rows, children), return_assignments)
-        mu, a_out = routed[:2]                                         # (R, J, 16), (R, J)
-        out = (mu.reshape(b, ho, wo, self.out_types, POSE_SIZE, POSE_SIZE),
-               a_out.reshape(b, ho, wo, self.out_types))
-        return (*out, routed[2]) if return_assignments else out
+        return self.route(votes, act_windows.reshape(rows, children), (b, ho, wo),
+                          return_assignments)
 
 
 class ClassCaps(_RoutedCaps):
@@ -205,7 +210,6 @@ class ClassCaps(_RoutedCaps):
     def __init__(self, in_types: int, classes: int = 10, iterations: int = 3, positions: int = 1,
                  detach_intermediate: bool = False):
         super().__init__(in_types, classes, iterations, positions * in_types, detach_intermediate)
-        self.classes = classes
 
     def forward(self, poses: torch.Tensor, activations: torch.Tensor,
                 coordinate_offsets: torch.Tensor | None = None, return_assignments: bool = False):
@@ -215,7 +219,4 @@ class ClassCaps(_RoutedCaps):
         votes = transform_votes(poses.reshape(b, children, POSE_SIZE, POSE_SIZE), weight)
         if coordinate_offsets is not None:
             votes = votes + coordinate_offsets                         # (B, J, I, 16)
-        routed = self.route(votes, activations.reshape(b, children), return_assignments)
-        mu, a_out = routed[:2]                                         # (B, J, 16), (B, J)
-        out = (mu.reshape(b, self.classes, POSE_SIZE, POSE_SIZE), a_out)
-        return (*out, routed[2]) if return_assignments else out
+        return self.route(votes, activations.reshape(b, children), (b,), return_assignments)

@@ -174,14 +174,17 @@ class MatrixCapsNet(ImageClassifier):
     3x3. The paper's configuration is A=B=C=D=32 (318,964 parameters); the small one A=64, B=8,
     C=D=16 (68,444). ``detach_intermediate=False`` (default) backpropagates through every
     routing iteration: with the earlier iterations detached, as CapsNet's routing does,
-    the network learns far more slowly (chapter 08 measures it). ``forward(images)`` takes float images (B, C, H, W) in [0, 1] and returns a
-    :class:`MatrixCapsNetOutput` (labels are accepted, and unused, for the training loop).
+    the network learns far more slowly (chapter 08 measures it). ``forward(images)`` takes float
+    images (B, C, H, W) in [0, 1] and returns a :class:`MatrixCapsNetOutput` (labels are
+    accepted, and unused, for the training loop).
     """
 
     model_name = "matrix"
     # Eager: with torch 2.13 on the CPU, the compiled capsule layers crashed in training
     # (glibc "free(): invalid size" at batch 64), and eager meets the speed targets.
     compiled_parts = ()
+    # (kernel, stride) of Conv1, PrimaryCaps, ConvCaps1 and ConvCaps2, from the image up.
+    geometry = ((5, 2), (1, 1), (3, 2), (3, 1))
 
     def __init__(self, A: int = 32, B: int = 32, C: int = 32, D: int = 32, iterations: int = 3,
                  image_size: int = 28, in_channels: int = 1, classes: int = 10,
@@ -191,21 +194,21 @@ class MatrixCapsNet(ImageClassifier):
                            in_channels=in_channels, classes=classes,
                            coordinate_addition=coordinate_addition,
                            detach_intermediate=detach_intermediate)
-        geometry = [(5, 2), (1, 1), (3, 2), (3, 1)]     # (kernel, stride) from the image up
         size = image_size
-        for kernel, stride in geometry:
+        for kernel, stride in self.geometry:
             size = (size - kernel) // stride + 1
         if size < 1:
             raise ValueError(f"images of {image_size}x{image_size} are too small for "
                              f"MatrixCapsNet's layers (at least 17x17)")
         self.image_size, self.in_channels = image_size, in_channels
-        self.conv1 = nn.Conv2d(in_channels, A, kernel_size=5, stride=2)
+        (conv_kernel, conv_stride), _, (kernel1, stride1), (kernel2, stride2) = self.geometry
+        self.conv1 = nn.Conv2d(in_channels, A, kernel_size=conv_kernel, stride=conv_stride)
         self.primary = PrimaryMatrixCaps(A, B)
         routing = dict(iterations=iterations, detach_intermediate=detach_intermediate)
-        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, **routing)
-        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, **routing)
+        self.conv_caps1 = ConvCaps(B, C, kernel=kernel1, stride=stride1, **routing)
+        self.conv_caps2 = ConvCaps(C, D, kernel=kernel2, stride=stride2, **routing)
         self.class_caps = ClassCaps(D, classes, positions=size * size, **routing)
-        centres = receptive_field_centres(size, geometry, image_size)   # (3,) on 28x28
+        centres = receptive_field_centres(size, self.geometry, image_size)   # (3,) on 28x28
         offsets = coordinate_offsets(centres, centres, D) if coordinate_addition else None
         self.register_buffer("coordinate_offsets", offsets, persistent=False)   # (I, 16)
 
