@@ -33,6 +33,16 @@ POSE_DIMS = POSE_SIZE * POSE_SIZE
 WEIGHT_SCALE = 0.5
 # Votes per chunk of rows routed under activation checkpointing (see _RoutedCaps.route).
 ROUTING_CHUNK_BYTES = 128 * 2**20
+# Starting value of every routed layer's beta_u. A parent's cost per unit of assigned mass is
+# beta_u + ln(sigma) summed over the 16 pose entries. The untrained votes spread widely (their
+# scale grows with the layer's fan-in, see _RoutedCaps), so ln(sigma) starts positive: with
+# beta_u = 0 every vote *raises* a parent's cost and training learns to classify by exclusion
+# (the winning class is the one that receives no votes). Starting at -3 makes mass that agrees
+# lower the cost, the regime the paper's activation rule is written for (chapter 08 measures
+# both). The value suits the small and the paper's configurations; much narrower networks
+# (4 types per layer, smaller fan-ins) start with a class saturated at activation 1 and can
+# fail to learn.
+BETA_U_INIT = -3.0
 # Flat indices (in a 4x4 pose flattened row by row) of the two entries that coordinate addition
 # changes: the first two elements of the right-hand column.
 ROW_ENTRY, COLUMN_ENTRY = POSE_SIZE - 1, 2 * POSE_SIZE - 1
@@ -129,7 +139,7 @@ class _RoutedCaps(nn.Module):
         self.gain = (fan_in / POSE_SIZE) ** 0.5 / WEIGHT_SCALE
         self.weight = nn.Parameter(WEIGHT_SCALE * torch.randn(weights, parents, POSE_SIZE,
                                                               POSE_SIZE))
-        self.beta_u = nn.Parameter(torch.zeros(parents))
+        self.beta_u = nn.Parameter(torch.full((parents,), BETA_U_INIT))
         self.beta_a = nn.Parameter(torch.zeros(parents))
 
     @property

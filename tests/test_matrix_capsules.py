@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from capsutil import checkpoints, matrix_layers, train
-from capsutil.data import Digits, load_sample
+from capsutil.data import Digits, load_sample, to_float
 from capsutil.losses import SpreadLoss, spread_loss
 from capsutil.matrix_layers import (ClassCaps, ConvCaps, coordinate_offsets,
                                     receptive_field_centres, transform_votes, windows)
@@ -185,9 +185,33 @@ def sample() -> Digits:
     return Digits(digits.images[index], digits.labels[index], digits.source)
 
 
-def test_tiny_matrix_capsnet_overfits_32_sample_images(sample):
-    model = _tiny()
-    train.fit(model, SpreadLoss(ramp_steps=20), sample, epochs=60, batch_size=32, lr=1e-2,
+def test_at_initialisation_the_class_receiving_most_vote_mass_is_the_most_active(sample):
+    # beta_u starts at BETA_U_INIT so that mass lowers a parent's cost: the more vote mass a
+    # class receives, the more active it is. (With beta_u = 0 the opposite holds at
+    # initialisation, and training learns to classify by exclusion; chapter 08.)
+    torch.manual_seed(0)
+    model = MatrixCapsNet(**SMALL, iterations=2)
+    with torch.no_grad():
+        features = torch.relu(model.conv1(to_float(sample.images)))    # (32, 64, 12, 12)
+        conv_caps2 = model.conv_caps2(*model.conv_caps1(*model.primary(features)))
+        _, activations, assignments = model.class_caps(*conv_caps2, model.coordinate_offsets,
+                                                       return_assignments=True)
+    a_children = conv_caps2[1].flatten(1)                               # (32, 3*3*16)
+    mass = torch.einsum("ni,nij->nj", a_children, assignments[-1])      # (32, 10): sum_i a_i R_ij
+    assert (mass.argmax(1) == activations.argmax(1)).all()
+    centred_mass = mass - mass.mean(1, keepdim=True)
+    centred_acts = activations - activations.mean(1, keepdim=True)
+    correlation = (centred_mass * centred_acts).sum(1) / (centred_mass.norm(dim=1)
+                                                          * centred_acts.norm(dim=1))   # (32,)
+    assert (correlation > 0.5).all()
+
+
+def test_small_matrix_capsnet_overfits_32_sample_images(sample):
+    # The small configuration, not TINY: with beta_u starting at BETA_U_INIT, networks as narrow
+    # as TINY can saturate one class's activation at 1 and stop learning.
+    torch.manual_seed(0)
+    model = MatrixCapsNet(**SMALL, iterations=2)
+    train.fit(model, SpreadLoss(ramp_steps=20), sample, epochs=40, batch_size=32, lr=1e-2,
               lr_decay=1.0, max_shift=0, progress=False)
     assert train.evaluate(model, sample).accuracy == 1.0
 
