@@ -14,9 +14,13 @@ SMALL = dict(A=64, B=8, C=16, D=16)
 TINY = dict(A=8, B=4, C=4, D=4, iterations=2)
 
 
-def _tiny(seed: int = 0) -> MatrixCapsNet:
+def _seeded(config: dict, seed: int = 0) -> MatrixCapsNet:
     torch.manual_seed(seed)
-    return MatrixCapsNet(**TINY)
+    return MatrixCapsNet(**config)
+
+
+def _tiny(seed: int = 0) -> MatrixCapsNet:
+    return _seeded(TINY, seed)
 
 
 def _conv_caps_parameters(k, t_in, t_out):
@@ -189,8 +193,7 @@ def test_at_initialisation_the_class_receiving_most_vote_mass_is_the_most_active
     # beta_u starts at BETA_U_INIT so that mass lowers a parent's cost: the more vote mass a
     # class receives, the more active it is. (With beta_u = 0 the opposite holds at
     # initialisation, and training learns to classify by exclusion; chapter 08.)
-    torch.manual_seed(0)
-    model = MatrixCapsNet(**SMALL, iterations=2)
+    model = _seeded(dict(SMALL, iterations=2))
     with torch.no_grad():
         features = torch.relu(model.conv1(to_float(sample.images)))    # (32, 64, 12, 12)
         conv_caps2 = model.conv_caps2(*model.conv_caps1(*model.primary(features)))
@@ -209,8 +212,7 @@ def test_at_initialisation_the_class_receiving_most_vote_mass_is_the_most_active
 def test_small_matrix_capsnet_overfits_32_sample_images(sample):
     # The small configuration, not TINY: with beta_u starting at BETA_U_INIT, networks as narrow
     # as TINY can saturate one class's activation at 1 and stop learning.
-    torch.manual_seed(0)
-    model = MatrixCapsNet(**SMALL, iterations=2)
+    model = _seeded(dict(SMALL, iterations=2))
     train.fit(model, SpreadLoss(ramp_steps=20), sample, epochs=40, batch_size=32, lr=1e-2,
               lr_decay=1.0, max_shift=0, progress=False)
     assert train.evaluate(model, sample).accuracy == 1.0
