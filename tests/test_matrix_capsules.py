@@ -202,10 +202,8 @@ def test_at_initialisation_the_class_receiving_most_vote_mass_is_the_most_active
     a_children = conv_caps2[1].flatten(1)                               # (32, 3*3*16)
     mass = torch.einsum("ni,nij->nj", a_children, assignments[-1])      # (32, 10): sum_i a_i R_ij
     assert (mass.argmax(1) == activations.argmax(1)).all()
-    centred_mass = mass - mass.mean(1, keepdim=True)
-    centred_acts = activations - activations.mean(1, keepdim=True)
-    correlation = (centred_mass * centred_acts).sum(1) / (centred_mass.norm(dim=1)
-                                                          * centred_acts.norm(dim=1))   # (32,)
+    correlation = torch.nn.functional.cosine_similarity(          # Pearson, per image: (32,)
+        mass - mass.mean(1, keepdim=True), activations - activations.mean(1, keepdim=True), dim=1)
     assert (correlation > 0.5).all()
 
 
