@@ -229,6 +229,10 @@ class MatrixCapsNet(ImageClassifier):
         return MatrixCapsNetOutput(routed[1], routed[0], assignments or None)   # (B, K), (B, K, 4, 4)
 
 
+# The two sizes of MatrixCapsNet the book trains and measures (chapter 08, the benchmark).
+MATRIX_SIZES = {"paper": dict(A=32, B=32, C=32, D=32), "small": dict(A=64, B=8, C=16, D=16)}
+
+
 @dataclass(frozen=True)
 class Entry:
     """A registered model: its class and the loss it is trained with."""

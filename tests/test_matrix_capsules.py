@@ -7,10 +7,10 @@ from capsutil.data import Digits, load_sample, to_float
 from capsutil.losses import SpreadLoss, spread_loss
 from capsutil.matrix_layers import (ClassCaps, ConvCaps, coordinate_offsets,
                                     receptive_field_centres, transform_votes, windows)
-from capsutil.models import MatrixCapsNet, count_parameters
+from capsutil.models import MATRIX_SIZES, MatrixCapsNet, count_parameters
 from capsutil.routing import em_routing
 
-SMALL = dict(A=64, B=8, C=16, D=16)
+SMALL = MATRIX_SIZES["small"]
 TINY = dict(A=8, B=4, C=4, D=4, iterations=2)
 
 

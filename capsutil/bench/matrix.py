@@ -22,10 +22,8 @@ import time
 import torch
 
 from capsutil.losses import SpreadLoss
-from capsutil.models import MatrixCapsNet
+from capsutil.models import MATRIX_SIZES, MatrixCapsNet
 from capsutil.train import adam, compile_model, compile_works, keep_freed_memory
-
-CONFIGS = {"small": dict(A=64, B=8, C=16, D=16), "paper": dict(A=32, B=32, C=32, D=32)}
 
 
 def measure(config: str, batch_size: int, iterations: int, steps: int, warmup: int,
@@ -33,7 +31,7 @@ def measure(config: str, batch_size: int, iterations: int, steps: int, warmup: i
     """Time ``steps`` training steps after ``warmup`` ones, in this process."""
     keep_freed_memory()
     torch.manual_seed(0)
-    model = MatrixCapsNet(**CONFIGS[config], iterations=iterations)
+    model = MatrixCapsNet(**MATRIX_SIZES[config], iterations=iterations)
     compiled = compiled and compile_model(model)
     loss_fn, optimizer = SpreadLoss(), adam(model, 1e-3)
     images = torch.rand(batch_size, 1, 28, 28)
@@ -66,14 +64,15 @@ def _in_fresh_process(config: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m capsutil.bench matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["small", "paper"])
+    parser.add_argument("--configs", nargs="+", choices=sorted(MATRIX_SIZES),
+                        default=["small", "paper"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=3, help="EM-routing iterations")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--eager", action="store_true", help="do not compile the capsule layers")
-    parser.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=sorted(MATRIX_SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     for config in args.configs:
         result = _in_fresh_process(config, args)
-        sizes = ", ".join(f"{k}={v}" for k, v in CONFIGS[config].items())
+        sizes = ", ".join(f"{k}={v}" for k, v in MATRIX_SIZES[config].items())
         print(f"{config} ({sizes}), capsule layers "
               f"{'compiled' if result['compiled'] else 'eager'}: "
               f"{result['images_per_second']:.1f} images/s, peak memory {result['peak_gb']:.2f} GB")
