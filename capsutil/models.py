@@ -212,21 +212,35 @@ class MatrixCapsNet(ImageClassifier):
         offsets = coordinate_offsets(centres, centres, D) if coordinate_addition else None
         self.register_buffer("coordinate_offsets", offsets, persistent=False)   # (I, 16)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                return_assignments: bool = False) -> MatrixCapsNetOutput:
+    def capsule_layers(self, images: torch.Tensor,
+                       return_assignments: bool = False) -> dict[str, tuple]:
+        """The outputs of every capsule layer for float images (B, C, H, W), from the bottom up.
+
+        ``{"primary": ..., "conv_caps1": ..., "conv_caps2": ...}``, each (poses, activations)
+        on its grid, e.g. (B, 12, 12, B, 4, 4) and (B, 12, 12, B) for the primary capsules on
+        28x28 images, and ``"class_caps"``: (poses (B, K, 4, 4), activations (B, K)). With
+        ``return_assignments`` each routed layer's tuple also ends with its assignments, one
+        tensor per routing iteration.
+        """
         check_images(images, self.in_channels, self.image_size)
         x = torch.relu(self.conv1(images))                            # (B, A, 12, 12)
-        poses, acts = self.primary(x)                                 # (B, 12, 12, B, 4, 4)
-        assignments = {}
-        for name in ("conv_caps1", "conv_caps2"):                     # 5x5xC, then 3x3xD
-            routed = getattr(self, name)(poses, acts, return_assignments=return_assignments)
-            poses, acts = routed[:2]
-            if return_assignments:
-                assignments[name] = routed[2]
-        routed = self.class_caps(poses, acts, self.coordinate_offsets, return_assignments)
+        layers = {"primary": self.primary(x)}                         # on the 12x12 grid, B types
+        layers["conv_caps1"] = self.conv_caps1(*layers["primary"],    # 5x5 grid, C types
+                                               return_assignments=return_assignments)
+        layers["conv_caps2"] = self.conv_caps2(*layers["conv_caps1"][:2],   # 3x3 grid, D types
+                                               return_assignments=return_assignments)
+        layers["class_caps"] = self.class_caps(*layers["conv_caps2"][:2], self.coordinate_offsets,
+                                               return_assignments)
+        return layers
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                return_assignments: bool = False) -> MatrixCapsNetOutput:
+        layers = self.capsule_layers(images, return_assignments)
+        poses, activations = layers["class_caps"][:2]                 # (B, K, 4, 4), (B, K)
+        assignments = None
         if return_assignments:
-            assignments["class_caps"] = routed[2]
-        return MatrixCapsNetOutput(routed[1], routed[0], assignments or None)   # (B, K), (B, K, 4, 4)
+            assignments = {name: routed[2] for name, routed in layers.items() if name != "primary"}
+        return MatrixCapsNetOutput(activations, poses, assignments)
 
 
 # The two sizes of MatrixCapsNet the book trains and measures (chapter 08, the benchmark).

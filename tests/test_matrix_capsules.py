@@ -195,11 +195,9 @@ def test_at_initialisation_the_class_receiving_most_vote_mass_is_the_most_active
     # initialisation, and training learns to classify by exclusion; chapter 08.)
     model = _seeded(dict(SMALL, iterations=2))
     with torch.no_grad():
-        features = torch.relu(model.conv1(to_float(sample.images)))    # (32, 64, 12, 12)
-        conv_caps2 = model.conv_caps2(*model.conv_caps1(*model.primary(features)))
-        _, activations, assignments = model.class_caps(*conv_caps2, model.coordinate_offsets,
-                                                       return_assignments=True)
-    a_children = conv_caps2[1].flatten(1)                               # (32, 3*3*16)
+        layers = model.capsule_layers(to_float(sample.images), return_assignments=True)
+    _, activations, assignments = layers["class_caps"]
+    a_children = layers["conv_caps2"][1].flatten(1)                     # (32, 3*3*16)
     mass = torch.einsum("ni,nij->nj", a_children, assignments[-1])      # (32, 10): sum_i a_i R_ij
     assert (mass.argmax(1) == activations.argmax(1)).all()
     correlation = torch.nn.functional.cosine_similarity(          # Pearson, per image: (32,)
