@@ -12,6 +12,7 @@ Two kinds of file:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -23,22 +24,24 @@ from torch import nn
 
 from capsutil.models import build_model, count_parameters
 
-CHECKPOINT_FORMAT = "capsutil-checkpoint/1"
+CHECKPOINT_FORMAT = "capsutil-checkpoint/2"
+CHECKPOINT_MAGIC = CHECKPOINT_FORMAT.encode("ascii") + b"\n"
 WEIGHTS_FORMAT = "capsutil-weights/1"
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it over ``path``.
+def atomic_write(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder.
 
     The rename is atomic, so ``path`` always holds either the previous complete file or the new
-    complete file, never a partial one; the temporary file is removed if saving fails.
+    complete file, never a partial one; the temporary file is removed if writing fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)                                      # mkstemp creates it 0600
@@ -46,15 +49,63 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)                                          # make the rename durable
+    finally:
+        os.close(folder)
     return path
 
 
-def _load(path: Path, what: str, fmt: str, map_location) -> dict:
+def torch_bytes(obj) -> bytes:
+    """``torch.save(obj)`` into memory."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(torch_bytes(obj), path)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write a training checkpoint (a dict of state, see :mod:`capsutil.train`) atomically.
+
+    The file is a header line, the sha256 of the payload, and the payload (``torch.save`` of
+    the state), so that a flipped bit or a cut-off file is found on load.
+    """
+    payload = torch_bytes({"format": CHECKPOINT_FORMAT, **state})
+    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+    return atomic_write(CHECKPOINT_MAGIC + digest + b"\n" + payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a training checkpoint written by :func:`save_checkpoint`.
+
+    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it
+    is truncated, corrupt (its checksum does not match) or not a checkpoint.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    header = len(CHECKPOINT_MAGIC) + 65                           # magic, 64 hex digits, newline
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < header:
+        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    expected, payload = data[len(CHECKPOINT_MAGIC):header - 1], data[header:]
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != expected:
+        raise ValueError(f"checkpoint {path} is corrupt (checksum mismatch)")
+    return _unpickle(io.BytesIO(payload), path, "checkpoint", CHECKPOINT_FORMAT, map_location)
+
+
+def _unpickle(source, path: Path, what: str, fmt: str, map_location) -> dict:
+    try:
+        obj = torch.load(source, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError) as err:
         raise ValueError(f"{what} {path} is truncated or corrupt: {err}") from err
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -62,18 +113,10 @@ def _load(path: Path, what: str, fmt: str, map_location) -> dict:
     return obj
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write a training checkpoint (a dict of state, see :mod:`capsutil.train`) atomically."""
-    return atomic_save({"format": CHECKPOINT_FORMAT, **state}, path)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a training checkpoint written by :func:`save_checkpoint`.
-
-    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it
-    is truncated, corrupt or not a checkpoint.
-    """
-    return _load(Path(path), "checkpoint", CHECKPOINT_FORMAT, map_location)
+def _load(path: Path, what: str, fmt: str, map_location) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    return _unpickle(path, path, what, fmt, map_location)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -10,6 +10,7 @@ in torchvision's layout, ``<root>/MNIST/raw/<name>`` (optionally ``.gz``).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +28,7 @@ SPLITS = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 SAMPLE_FILE = "mnist_sample.npz"
+VALIDATION_FRACTION = 1 / 12      # 5,000 of the 60,000 official training images
 IDX_UBYTE_MAGIC = {1: 2049, 3: 2051}  # idx magic number by number of dimensions
 
 
@@ -44,6 +46,71 @@ class Digits:
     def subset(self, n: int) -> "Digits":
         """The first ``n`` examples (all of them if ``n`` is larger)."""
         return Digits(self.images[:n], self.labels[:n], self.source)
+
+    def select(self, index: torch.Tensor) -> "Digits":
+        """The examples at the positions ``index`` (int64 (M,)), in that order."""
+        return Digits(self.images[index], self.labels[index], self.source)
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """A training set split in two: ``train`` to fit on and ``val`` to choose with.
+
+    ``val_indices`` (int64 (V,), sorted) are the validation images' positions in the original
+    training set; every other position is in ``train``, in file order.
+    """
+
+    train: Digits
+    val: Digits
+    val_indices: torch.Tensor
+
+    def record(self) -> dict:
+        """What an exported model records of its split: the rule, sizes and an index hash."""
+        digest = hashlib.sha256(self.val_indices.numpy().astype("<i8").tobytes()).hexdigest()
+        return {"rule": "stratified: the last images of each class in file order",
+                "train_size": len(self.train), "val_size": len(self.val),
+                "val_indices_sha256": digest}
+
+
+def default_val_size(n: int) -> int:
+    """The validation size for a training set of ``n`` images: 5,000 of MNIST's 60,000, and
+    the same fraction (1/12) of a smaller set such as the shipped sample."""
+    return round(n * VALIDATION_FRACTION)
+
+
+def stratified_tail(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions (int64 (size,), sorted) of the last images of each class in file order.
+
+    Each class gives its share of ``size`` in proportion to its count (largest remainders
+    round), so the validation set has the class mix of the whole. No randomness: the same
+    labels always give the same positions.
+    """
+    counts = torch.bincount(labels)                                       # (K,)
+    quota = counts.double() * size / len(labels)                          # (K,) exact shares
+    take = quota.floor().long()
+    order = torch.argsort(quota - take.double(), descending=True, stable=True)
+    take[order[:size - int(take.sum())]] += 1                              # largest remainders
+    chosen = [torch.nonzero(labels == k).flatten()[counts[k] - take[k]:]
+              for k in range(len(counts))]
+    return torch.sort(torch.cat(chosen)).values
+
+
+def split_validation(digits: Digits, val_size: int | None = None) -> ValidationSplit:
+    """Hold out ``val_size`` images of ``digits`` (default :func:`default_val_size`) for
+    validation, chosen by :func:`stratified_tail`; the rest, in file order, is for training.
+
+    Full MNIST gives 55,000 / 5,000; the shipped 5,000-image sample 4,583 / 417.
+    """
+    if val_size is None:
+        val_size = default_val_size(len(digits))
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < len(digits):
+        raise ValueError(f"expected a validation size between 1 and {len(digits) - 1} "
+                         f"(the training set has {len(digits):,} images), got {val_size!r}")
+    val_indices = stratified_tail(digits.labels, val_size)
+    keep = torch.ones(len(digits), dtype=torch.bool)
+    keep[val_indices] = False
+    train_indices = torch.nonzero(keep).flatten()                         # (N - V,)
+    return ValidationSplit(digits.select(train_indices), digits.select(val_indices), val_indices)
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> Path:

@@ -100,7 +100,7 @@ class CapsNet(ImageClassifier):
     """
 
     model_name = "capsnet"
-    compiled_parts = ("digits",)      # what capsutil.train.compile_model compiles
+    compiled_parts = ("digits",)      # what capsutil.runtime.compile_model compiles
 
     def __init__(self, image_size: int = 28, in_channels: int = 1, conv_channels: int = 256,
                  conv_kernel: int = 9, primary_maps: int = 32, primary_dims: int = 8,

@@ -1,27 +1,28 @@
 """Training and evaluation for any registered model, with checkpoints that resume exactly.
 
 ``fit`` trains with Adam and an exponential learning-rate decay per epoch (chapter 05), shifting
-training images by up to 2 pixels; ``evaluate`` gives accuracy and predictions. A model is
+training images by up to 2 pixels, and scores a validation set as it goes, keeping the weights of
+the best check; ``evaluate`` gives accuracy and predictions. The test set never enters ``fit``:
+it is scored once, after training (``--export`` on the command line). A model is
 anything whose forward ``model(images, labels)`` returns an object with ``predictions`` (B,),
 trained with a loss called as ``loss(output, images, labels)``.
 
 Exact resumption: one dedicated ``torch.Generator`` draws the shuffling order and the shifts.
 A checkpoint stores the model, optimiser, scheduler, the generator's state now and at the start
 of the epoch (to redraw that epoch's order), the number of batches done in the epoch and its
-running sums, and the history. Resuming replays nothing and skips nothing: the weights after
+running sums, and the history (with every validation check, so the best so far resumes too). Resuming replays nothing and skips nothing: the weights after
 N steps are the same, bit for bit on the same machine and threads, as in an uninterrupted run.
 
 Command line (a long run can go in the background and be resumed)::
 
-    python -m capsutil.train capsnet --epochs 30 --run-dir runs/capsnet --data-root DIR
-    python -m capsutil.train capsnet --epochs 30 --run-dir runs/capsnet --data-root DIR --resume
+    python -m capsutil.train capsnet --epochs 20 --run-dir runs/capsnet --data-root DIR
+    python -m capsutil.train capsnet --epochs 20 --run-dir runs/capsnet --data-root DIR --resume \
+        --export capsutil/weights
     python -m capsutil.train matrix --config '{"A": 64, "B": 8, "C": 16, "D": 16}' ...
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import json
 import math
 import os
@@ -36,29 +37,45 @@ from tqdm.auto import tqdm
 
 from capsutil import runtime
 from capsutil.checkpoints import export, load_checkpoint, rebuild, save_checkpoint
-from capsutil.data import Digits, load_mnist, random_shift, to_float
+from capsutil.data import Digits, load_mnist, random_shift, split_validation, to_float
 from capsutil.models import MODELS, build_loss, build_model, predict_in_batches
+from capsutil.stats import Accuracy
 
 CHECKPOINT_NAME = "checkpoint.pt"
-RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size")
+BEST_NAME = "best.pt"
+RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size", "val_size")
 
 
 @dataclass
 class History:
     """One entry per finished epoch: mean training loss, training accuracy (on the shifted
-    images, as seen during the epoch), test accuracy (None when not evaluated that epoch),
-    learning rate used, and wall time in seconds (training plus evaluation)."""
+    images, as seen during the epoch), validation accuracy (None without a validation set),
+    learning rate used, and wall time in seconds (training plus validation).
+
+    ``val_step`` and ``val_check`` list every validation check (after each epoch, and every
+    ``val_every`` steps when asked): the step it was made after and the accuracy measured.
+    """
 
     epoch: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)
-    test_accuracy: list[float | None] = field(default_factory=list)
+    val_accuracy: list[float | None] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    val_step: list[int] = field(default_factory=list)
+    val_check: list[float] = field(default_factory=list)
 
     def append(self, **row) -> None:
         for key, value in row.items():
             getattr(self, key).append(value)
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, accuracy) of the first check with the highest validation accuracy; None
+        without checks. Ties go to the earlier check."""
+        if not self.val_check:
+            return None
+        top = max(range(len(self.val_check)), key=lambda i: (self.val_check[i], -i))
+        return self.val_step[top], self.val_check[top]
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -72,58 +89,15 @@ class Evaluation:
     predictions: torch.Tensor
     labels: torch.Tensor
 
+    @property
+    def score(self) -> Accuracy:
+        """The number right out of the number scored, printed with its 95% interval."""
+        return Accuracy(int((self.predictions == self.labels).sum()), len(self.labels))
+
     def confusion_matrix(self, n_classes: int = 10) -> torch.Tensor:
         """Counts (n_classes, n_classes): row = true class, column = predicted class."""
         index = self.labels * n_classes + self.predictions
         return torch.bincount(index, minlength=n_classes**2).reshape(n_classes, n_classes)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the system.
-
-    Training allocates and frees tensors of tens of megabytes every step; by default glibc maps
-    each with ``mmap`` and unmaps it on free, so every step pays page faults on fresh memory
-    (on a 2-core CPU this costs about a quarter of CapsNet's step time). With ``mmap`` off for
-    allocations and a high trim threshold the memory is reused. It changes no result. Returns
-    False where the C library is not glibc (nothing is changed there).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4                      # mallopt parameter numbers
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-@functools.cache
-def compile_works(device_type: str = "cpu") -> bool:
-    """Whether ``torch.compile`` works on this device type here (a tiny function is compiled).
-
-    It needs a C++ compiler on the CPU (Triton on CUDA); when it fails, one line says so.
-    """
-    try:
-        torch.compile(lambda x: torch.softmax(x, 0) * 2)(torch.ones(2, device=device_type))
-        return True
-    except Exception as err:  # any backend failure means eager mode
-        print(f"capsutil.train: torch.compile is unavailable here ({type(err).__name__}); "
-              f"running eagerly")
-        return False
-
-
-def compile_model(model: nn.Module) -> bool:
-    """Compile in place the parts a model lists in ``compiled_parts`` with ``torch.compile``.
-
-    CapsNet lists its digit capsules: the routing's softmax, products and sums fuse into a few
-    loops. The maths is unchanged (sums may be reordered in the last bits); the state dict keeps
-    its keys. Where :func:`compile_works` is False, or the model lists no parts, the model stays
-    eager. Returns True when something was compiled.
-    """
-    parts = getattr(model, "compiled_parts", ())
-    if not parts or not compile_works(next(model.parameters()).device.type):
-        return False
-    for name in parts:
-        model.get_submodule(name).compile()
-    return True
 
 
 def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -151,12 +125,13 @@ def evaluate(model: nn.Module, digits: Digits, batch_size: int = 500) -> Evaluat
 
 
 def _check_fit_arguments(epochs, batch_size, lr, lr_decay, max_shift, checkpoint_every,
-                         eval_every, max_steps) -> None:
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
-        if not isinstance(value, int) or value < 1:
+                         val_every, max_steps) -> None:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"expected a positive integer {name}, got {value!r}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("max_steps", max_steps)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    for name, value in (("checkpoint_every", checkpoint_every), ("val_every", val_every),
+                        ("max_steps", max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"expected {name} to be None or a positive integer, got {value!r}")
     if not lr > 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"expected lr > 0 and 0 < lr_decay <= 1, got lr {lr!r}, lr_decay {lr_decay!r}")
@@ -190,36 +165,43 @@ def _epoch_order(generator: torch.Generator, epoch_start_rng: torch.Tensor, n: i
     return order
 
 
-def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, test: Digits | None = None, *,
+def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None = None, *,
         epochs: int, batch_size: int = 128, lr: float = 1e-3, lr_decay: float = 0.9,
         max_shift: int = 2, seed: int = 0, run_dir: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None, resume: bool = False, eval_every: int = 1,
-        max_steps: int | None = None, compile: bool = False, progress: bool = True) -> History:
+        checkpoint_every: int | None = None, resume: bool = False,
+        val_every: int | None = None, max_steps: int | None = None, compile: bool = False,
+        progress: bool = True) -> History:
     """Train ``model`` in place with Adam (``lr``, times ``lr_decay`` after each epoch).
 
     Each epoch draws a fresh order of ``train`` and shifts every image by up to ``max_shift``
-    pixels (training images only), both from one generator seeded with ``seed``. After each
-    epoch (and every ``checkpoint_every`` steps) a checkpoint goes to ``run_dir/checkpoint.pt``;
-    ``resume=True`` continues from it exactly, also mid-epoch, and ``epochs`` may then be larger
-    than first planned. ``max_steps`` stops after that many steps in all (checkpointing first).
-    ``test`` is evaluated every ``eval_every`` epochs and after the last. ``compile`` applies
-    :func:`compile_model`. On the CPU, :func:`keep_freed_memory` is switched on. Shows one tqdm
-    bar and prints one line per epoch when ``progress``. Returns the :class:`History`, also
-    stored in every checkpoint.
+    pixels (training images only), both from one generator seeded with ``seed``. ``val`` is
+    scored after every epoch (and every ``val_every`` steps when given); with ``run_dir`` the
+    weights of the best check so far go to ``run_dir/best.pt`` (see :meth:`History.best`). There
+    is no test set here: choose with ``val``, then score the test set once, after training.
+
+    After each epoch (and every ``checkpoint_every`` steps) a checkpoint goes to
+    ``run_dir/checkpoint.pt``; ``resume=True`` continues from it exactly, also mid-epoch, and
+    ``epochs`` may then be larger than first planned. ``max_steps`` stops after that many steps
+    in all (checkpointing first). ``compile`` applies :func:`capsutil.runtime.compile_model`.
+    On the CPU, :func:`capsutil.runtime.keep_freed_memory` is switched on. Shows one tqdm bar
+    and prints one line per epoch when ``progress``. Returns the :class:`History`, also stored
+    in every checkpoint.
     """
     _check_fit_arguments(epochs, batch_size, lr, lr_decay, max_shift, checkpoint_every,
-                         eval_every, max_steps)
+                         val_every, max_steps)
     device = next(model.parameters()).device
     if device.type == "cpu":
-        keep_freed_memory()
-    path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+        runtime.keep_freed_memory()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if resume and path is None:
         raise ValueError("resume=True needs the run_dir that holds the checkpoint")
     if path is not None and not resume and path.exists():
         raise FileExistsError(f"{path} already exists; pass resume=True to continue that run "
                               f"or choose another run_dir")
     recipe = dict(batch_size=batch_size, lr=lr, lr_decay=lr_decay, max_shift=max_shift,
-                  seed=seed, train_size=len(train), epochs=epochs, data=train.source)
+                  seed=seed, train_size=len(train), val_size=len(val) if val is not None else 0,
+                  epochs=epochs, data=train.source)
     optimizer = adam(model, lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -244,7 +226,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, test: Digits | None
             raise ValueError(f"checkpoint {path} is already {epoch} epochs and {batch} batches "
                              f"in; ask for at least {epoch + (batch > 0)} epochs")
     if compile:
-        compile_model(model)
+        runtime.compile_model(model)
+    n_batches = math.ceil(len(train) / batch_size)
 
     def save() -> None:
         if path is not None:
@@ -257,9 +240,20 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, test: Digits | None
                 epoch_start_rng=epoch_start_rng, history=asdict(history), recipe=recipe,
                 epoch=epoch, step=step, batch=batch, sums=sums), path)
 
-    n_batches = math.ceil(len(train) / batch_size)
+    def validate() -> float:
+        """Score ``val``, log the check, and keep the weights when they are the best so far."""
+        accuracy = evaluate(model, val).accuracy
+        history.append(val_step=step, val_check=accuracy)
+        if run_dir is not None and history.best()[0] == step:
+            save_checkpoint(dict(model=getattr(model, "model_name", None),
+                                 config=getattr(model, "config", None),
+                                 model_state=model.state_dict(), step=step,
+                                 epoch=step / n_batches, val_accuracy=accuracy,
+                                 recipe=recipe), run_dir / BEST_NAME)
+        return accuracy
+
     model.train()
-    while epoch < epochs:
+    while epoch < epochs and (max_steps is None or step < max_steps):
         if batch == 0:
             epoch_start_rng = generator.get_state()
         order = _epoch_order(generator, epoch_start_rng, len(train), mid_epoch=batch > 0)
@@ -282,90 +276,166 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, test: Digits | None
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                             acc=f"{sums['correct'] / sums['seen']:.4f}", refresh=False)
+            if batch == n_batches:
+                break                       # the end of an epoch is validated and saved below
+            if val is not None and val_every and step % val_every == 0:
+                validate()
             stop = max_steps is not None and step >= max_steps
-            if batch < n_batches and (stop or (checkpoint_every and step % checkpoint_every == 0)):
+            if stop or (checkpoint_every and step % checkpoint_every == 0):
                 sums["seconds"] = time.perf_counter() - started
-                save()                      # mid-epoch; the end of an epoch is saved below
-            if stop and batch < n_batches:
+                save()
+            if stop:
                 bar.close()
                 return history
         bar.close()
-        last = epoch + 1 == epochs
-        test_accuracy = None
-        if test is not None and ((epoch + 1) % eval_every == 0 or last):
-            test_accuracy = evaluate(model, test).accuracy
+        val_accuracy = validate() if val is not None else None
         history.append(epoch=epoch + 1, loss=sums["loss"] / sums["seen"],
-                       train_accuracy=sums["correct"] / sums["seen"], test_accuracy=test_accuracy,
+                       train_accuracy=sums["correct"] / sums["seen"], val_accuracy=val_accuracy,
                        lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
         scheduler.step()
         epoch, batch = epoch + 1, 0
         sums = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         save()
         if progress:
-            tested = f", test {test_accuracy:.2%}" if test_accuracy is not None else ""
-            print(f"epoch {epoch}/{epochs}: loss {history.loss[-1]:.4f}, "
-                  f"train {history.train_accuracy[-1]:.2%}{tested}, lr {history.lr[-1]:.2e}, "
-                  f"{history.seconds[-1]:.1f} s")
-        if max_steps is not None and step >= max_steps:
-            break
+            print(_epoch_line(history, epochs))
     return history
 
 
+def _epoch_line(history: History, epochs: int) -> str:
+    """``epoch 3/20: loss 0.0312, train 98.84%, val 99.10% (best), lr 8.10e-04, 540.2 s``."""
+    val = history.val_accuracy[-1]
+    best = history.best()
+    checked = "" if val is None else (
+        f", val {val:.2%}" + (" (best)" if best[0] == history.val_step[-1] else ""))
+    return (f"epoch {history.epoch[-1]}/{epochs}: loss {history.loss[-1]:.4f}, "
+            f"train {history.train_accuracy[-1]:.2%}{checked}, lr {history.lr[-1]:.2e}, "
+            f"{history.seconds[-1]:.1f} s")
+
+
+def load_selected(model: nn.Module, run_dir: str | os.PathLike, select: str = "best") -> dict:
+    """Load into ``model`` the weights a finished run ships, and say which they are.
+
+    ``select="best"`` takes ``run_dir/best.pt``, the check with the highest validation accuracy;
+    ``"last"`` the weights of ``run_dir/checkpoint.pt``. Returns ``{"select", "step", "epoch",
+    "val_accuracy"}`` (the last two None when unknown).
+    """
+    if select not in ("best", "last"):
+        raise ValueError(f"expected select to be 'best' or 'last', got {select!r}")
+    run_dir = Path(run_dir)
+    last = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    n_batches = math.ceil(last["recipe"]["train_size"] / last["recipe"]["batch_size"])
+    if select == "last":
+        model.load_state_dict(last["model_state"])
+        history = History(**last["history"])
+        checked = history.val_step and history.val_step[-1] == last["step"]
+        return dict(select="last", step=last["step"], epoch=last["step"] / n_batches,
+                    val_accuracy=history.val_check[-1] if checked else None)
+    if not (run_dir / BEST_NAME).is_file():
+        raise FileNotFoundError(f"{run_dir / BEST_NAME} not found: the run was trained without "
+                                f"a validation set; select the last weights instead")
+    best = load_checkpoint(run_dir / BEST_NAME)
+    if best["config"] != getattr(model, "config", None):
+        raise ValueError(f"{run_dir / BEST_NAME} holds config {best['config']}, "
+                         f"not {getattr(model, 'config', None)}")
+    model.load_state_dict(best["model_state"])
+    return dict(select="best", step=best["step"], epoch=best["epoch"],
+                val_accuracy=best["val_accuracy"])
+
+
 def export_run(model: nn.Module, history: History, recipe: dict, test: Digits,
-               directory: str | os.PathLike, trained_on: str) -> Path:
-    """Export ``model`` in float16 with its recipe, its per-epoch history, the device it was
-    trained on (``trained_on``, e.g. ``runtime.describe_device(device)``) and the test accuracy of
-    the exported (float16-rounded) weights; returns the JSON path."""
+               directory: str | os.PathLike, trained_on: str, *, selected: dict,
+               split: dict | None = None) -> tuple[Path, Accuracy]:
+    """Export ``model`` in float16 and score the test set once, with the exported weights.
+
+    The record beside the weights holds the ``recipe``, the validation ``split`` (see
+    :meth:`capsutil.data.ValidationSplit.record`), the per-epoch history, which weights were
+    ``selected`` (see :func:`load_selected`), the device they were trained on (``trained_on``,
+    e.g. ``runtime.describe_device(device)``) and the test accuracy of the float16-rounded
+    weights with its 95% interval. Returns the JSON path and that test score.
+    """
     rounded = rebuild(model.model_name, model.config,
                       {k: v.half() if v.is_floating_point() else v
                        for k, v in model.state_dict().items()})
-    accuracy = evaluate(rounded, test).accuracy
-    metrics = {"test_accuracy": accuracy, "test_size": len(test), "test_data": test.source,
+    score = evaluate(rounded, test).score
+    metrics = {"test_accuracy": score.value, "test_correct": score.correct,
+               "test_size": score.n, "test_interval_95": list(score.interval),
+               "test_data": test.source, "split": split, "selected": selected,
                "epochs": len(history), "train_seconds": round(sum(history.seconds), 1),
                "trained_on": trained_on, "history": asdict(history)}
-    return export(model, directory, recipe=recipe, metrics=metrics)
+    return export(model, directory, recipe=recipe, metrics=metrics), score
 
 
-def main(argv: list[str] | None = None) -> History:
-    parser = argparse.ArgumentParser(prog="python -m capsutil.train",
-                                     description="Train a registered model on MNIST.")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m capsutil.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a registered model on MNIST, choosing its weights on a validation "
+                    "split of the training set; the test set is scored once, at --export.")
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--run-dir", required=True, help="where checkpoint.pt is written")
+    parser.add_argument("--run-dir", required=True, help="where checkpoint.pt and best.pt go")
     parser.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
     parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
-                        help='model constructor arguments, e.g. \'{"A": 64, "B": 8, "C": 16, "D": 16}\'')
+                        help='model constructor arguments, e.g. \'{"A": 64, "B": 8}\'')
     parser.add_argument("--resume", action="store_true", help="continue run-dir's checkpoint")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-decay", type=float, default=0.9, help="factor per epoch")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help="training images held out for validation (default 1/12 of the "
+                             "training set: 5,000 of MNIST's 60,000); 0 for none")
+    parser.add_argument("--val-every", type=int, default=None, metavar="STEPS",
+                        help="also validate every STEPS steps (always after each epoch)")
+    parser.add_argument("--select", choices=("best", "last"), default="best",
+                        help="which weights --export ships: the best validation check or the last")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
-    parser.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--eager", action="store_true", help="do not use torch.compile")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after training, export float16 weights and their JSON to DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> History:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.select == "best" and args.val_size == 0:
+        parser.error("--select best needs a validation set; give --val-size > 0 or --select last")
+    try:
+        return _train_and_export(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _train_and_export(args: argparse.Namespace) -> History:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = runtime.setup(seed=args.seed)
-    train, test = load_mnist("train", args.data_root), load_mnist("test", args.data_root)
+    official = load_mnist("train", args.data_root)
+    split = split_validation(official, args.val_size) if args.val_size != 0 else None
+    train, val = (split.train, split.val) if split is not None else (official, None)
     model = build_model(args.model, **args.config).to(device)
     loss_fn = build_loss(args.model).to(device)
-    history = fit(model, loss_fn, train, test, epochs=args.epochs, batch_size=args.batch_size,
+    history = fit(model, loss_fn, train, val, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, run_dir=args.run_dir,
                   checkpoint_every=args.checkpoint_every, resume=args.resume,
-                  eval_every=args.eval_every, max_steps=args.max_steps, compile=not args.eager)
+                  val_every=args.val_every, max_steps=args.max_steps, compile=not args.eager)
     checkpoint = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
-    runtime.provenance(n_train=len(train), n_test=len(test), device=device,
+    test = load_mnist("test", args.data_root) if args.export is not None else None
+    runtime.provenance(n_train=len(train), n_val=len(val) if val is not None else 0,
+                       n_test=len(test) if test is not None else 0, device=device,
                        epochs=checkpoint["step"] / math.ceil(len(train) / args.batch_size),
                        seconds=sum(history.seconds) + checkpoint["sums"]["seconds"],
                        data=train.source)
     if args.export is not None:
-        json_path = export_run(model, history, checkpoint["recipe"], test, args.export,
-                               trained_on=runtime.describe_device(device))
+        selected = load_selected(model, args.run_dir, args.select)
+        json_path, score = export_run(
+            model, history, checkpoint["recipe"], test, args.export,
+            trained_on=runtime.describe_device(device), selected=selected,
+            split=split.record() if split is not None else None)
+        print(f"selected: {args.select} weights, epoch {selected['epoch']:g}; "
+              f"test set, scored once: {score}")
         print(f"exported {json_path.with_suffix('.pt').name} and {json_path.name} to {args.export}")
     return history
 

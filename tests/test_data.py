@@ -152,3 +152,46 @@ def test_training_loader_shifts_and_shuffles_but_test_loader_does_not(no_data_ro
 def test_loader_rejects_a_non_positive_batch_size():
     with pytest.raises(ValueError, match="positive batch size"):
         data.make_loader(data.load_sample("test"), train=False, batch_size=0)
+
+
+def _check_split(digits: data.Digits, split: data.ValidationSplit, val_size: int) -> None:
+    """Sizes, disjointness, and the class mix of the whole set in the validation set."""
+    assert (len(split.train), len(split.val)) == (len(digits) - val_size, val_size)
+    val = set(split.val_indices.tolist())
+    assert len(val) == val_size
+    train_positions = [i for i in range(len(digits)) if i not in val]
+    assert torch.equal(split.train.images, digits.images[train_positions])
+    assert torch.equal(split.val.labels, digits.labels[split.val_indices])
+    shares = torch.bincount(split.val.labels, minlength=10) / val_size
+    whole = torch.bincount(digits.labels, minlength=10) / len(digits)
+    assert (shares - whole).abs().max() < 1.5 / val_size * 10
+
+
+def test_validation_split_of_the_sample_is_proportional_disjoint_and_stratified():
+    sample = data.load_sample("train")
+    split = data.split_validation(sample)
+    _check_split(sample, split, 417)                            # 1/12 of 5,000, as 5,000/60,000
+    assert torch.bincount(split.val.labels).tolist() == [42] * 7 + [41] * 3
+    again = data.split_validation(sample)
+    assert again.record() == split.record()                     # deterministic
+    assert split.record()["val_indices_sha256"] != data.split_validation(sample, 400).record()[
+        "val_indices_sha256"]
+
+
+@pytest.mark.skipif(not HAS_FULL_MNIST, reason="the full MNIST files are not beside the repo")
+def test_validation_split_of_full_mnist_is_55000_and_5000():
+    train = data.load_mnist("train", root=SHARED_DATA)
+    split = data.split_validation(train)
+    _check_split(train, split, 5000)
+    assert split.val_indices.min() > 50_000                     # the last images of each class
+
+
+def test_stratified_tail_takes_the_last_of_each_class_in_file_order():
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 2, 2])
+    assert data.stratified_tail(labels, 5).tolist() == [4, 5, 6, 7, 9]
+
+
+@pytest.mark.parametrize("val_size", [0, 5000, -3, 2.5, True])
+def test_validation_split_rejects_impossible_sizes(val_size):
+    with pytest.raises(ValueError, match="expected a validation size between 1 and 4999"):
+        data.split_validation(data.load_sample("train"), val_size)

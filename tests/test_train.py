@@ -1,3 +1,5 @@
+import inspect
+import json
 import os
 
 import pytest
@@ -42,12 +44,78 @@ def test_tiny_capsnet_overfits_32_sample_images(sample):
 def test_history_has_one_entry_per_epoch_and_lr_decays_exponentially(sample):
     model = _tiny()
     history = train.fit(model, CapsNetLoss(), _spread(sample, 64), _spread(sample, 20), epochs=3,
-                        batch_size=32, lr=1e-3, lr_decay=0.5, eval_every=2, progress=False)
+                        batch_size=32, lr=1e-3, lr_decay=0.5, progress=False)
     assert history.epoch == [1, 2, 3]
     assert history.lr == pytest.approx([1e-3, 5e-4, 2.5e-4])
-    assert history.test_accuracy[0] is None and history.test_accuracy[1] is not None
-    assert history.test_accuracy[2] is not None                # the last epoch is always tested
-    assert all(0 <= a <= 1 for a in history.train_accuracy) and all(s > 0 for s in history.seconds)
+    assert history.val_step == [2, 4, 6] and history.val_check == history.val_accuracy
+    assert all(0 <= a <= 1 for a in history.train_accuracy + history.val_accuracy)
+    assert all(s > 0 for s in history.seconds)
+
+
+def test_fit_has_no_way_to_reach_the_test_set():
+    parameters = inspect.signature(train.fit).parameters
+    assert not [name for name in parameters if "test" in name]
+
+
+def test_training_from_the_command_line_never_loads_the_test_split(tmp_path, monkeypatch):
+    real_load = train.load_mnist
+
+    def train_split_only(split, *args, **kwargs):
+        assert split == "train", "the test split was loaded during training"
+        return real_load(split, *args, **kwargs)
+    monkeypatch.setattr(train, "load_mnist", train_split_only)
+    train.main(["capsnet", "--epochs", "1", "--batch-size", "4", "--run-dir",
+                str(tmp_path / "run"), "--data-root", str(tmp_path / "no-data"), "--eager",
+                "--max-steps", "1", "--config", json.dumps(TINY)])
+
+
+def _validated_run(sample, run_dir, **kwargs):
+    model = _tiny()
+    history = train.fit(model, CapsNetLoss(), _spread(sample, 64), _spread(sample, 40), epochs=3,
+                        batch_size=16, lr=3e-3, run_dir=run_dir, val_every=2, progress=False,
+                        **kwargs)
+    return model, history
+
+
+def test_best_checkpoint_holds_the_weights_of_the_validation_argmax(sample, tmp_path):
+    model, history = _validated_run(sample, tmp_path)
+    assert history.val_step == [2, 4, 6, 8, 10, 12]        # every 2 steps; 4 steps an epoch
+    top = history.val_check.index(max(history.val_check))  # the first of the highest
+    best = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    assert (best["step"], best["val_accuracy"]) == (history.val_step[top], history.val_check[top])
+    assert history.best() == (best["step"], best["val_accuracy"])
+    selected = _tiny(seed=1)
+    assert train.load_selected(selected, tmp_path, "best")["step"] == best["step"]
+    assert train.evaluate(selected, _spread(sample, 40)).accuracy == best["val_accuracy"]
+    assert train.load_selected(selected, tmp_path, "last")["step"] == 12
+    assert _same_weights(selected, model)
+
+
+def test_history_best_breaks_ties_towards_the_earlier_check():
+    history = train.History(val_step=[10, 20, 30], val_check=[0.5, 0.9, 0.9])
+    assert history.best() == (20, 0.9)
+    assert train.History().best() is None
+
+
+def test_resuming_keeps_the_best_so_far(sample, tmp_path):
+    straight, straight_history = _validated_run(sample, tmp_path / "straight")
+    _validated_run(sample, tmp_path / "split", max_steps=7, checkpoint_every=3)
+    resumed, resumed_history = _validated_run(sample, tmp_path / "split", resume=True,
+                                              checkpoint_every=3)
+    assert _same_weights(straight, resumed)
+    assert _same_history(straight_history, resumed_history)
+    assert (resumed_history.val_step, resumed_history.val_check) == (straight_history.val_step,
+                                                                     straight_history.val_check)
+    best = [checkpoints.load_checkpoint(tmp_path / run / "best.pt") for run in ("straight", "split")]
+    assert best[0]["step"] == best[1]["step"]
+    assert all(torch.equal(a, b) for a, b in zip(best[0]["model_state"].values(),
+                                                 best[1]["model_state"].values()))
+
+
+def test_a_run_stopped_at_max_steps_does_not_train_past_it_on_resume(sample, tmp_path):
+    _run(sample, tmp_path, max_steps=3)
+    _run(sample, tmp_path, max_steps=3, resume=True)
+    assert checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
 
 
 def _run(sample, run_dir, **kwargs):
@@ -128,10 +196,9 @@ def test_checkpoint_write_is_atomic_and_leaves_no_partial_file(tmp_path, monkeyp
     checkpoints.save_checkpoint({"step": 1}, path)
     before = path.read_bytes()
 
-    def dies_half_way(obj, f):
-        f.write(b"PK\x03\x04 half a zip archive")
+    def disk_full(fd):
         raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", dies_half_way)
+    monkeypatch.setattr(os, "fsync", disk_full)                  # after the data is written
     with pytest.raises(OSError, match="disk full"):
         checkpoints.save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before
@@ -147,13 +214,13 @@ def test_truncated_or_garbage_checkpoints_raise_value_error_naming_the_file(tmp_
     truncated.write_bytes(good.read_bytes()[:2000])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    for path in (truncated, garbage):
-        with pytest.raises(ValueError, match=f"checkpoint {path} is truncated or corrupt"):
-            checkpoints.load_checkpoint(path)
+    with pytest.raises(ValueError, match=f"checkpoint {truncated} is corrupt .checksum mismatch"):
+        checkpoints.load_checkpoint(truncated)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(3)}, other)
-    with pytest.raises(ValueError, match="is not a capsutil-checkpoint/1 file"):
-        checkpoints.load_checkpoint(other)
+    for path in (garbage, other):
+        with pytest.raises(ValueError, match=f"checkpoint {path} is not a capsutil-checkpoint/2"):
+            checkpoints.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt not found"):
         checkpoints.load_checkpoint(tmp_path / "missing.pt")
 
@@ -177,6 +244,7 @@ def test_evaluate_returns_accuracy_predictions_and_a_confusion_matrix(sample):
     (dict(epochs=1, lr_decay=1.5), "0 < lr_decay <= 1, got lr 0.001, lr_decay 1.5"),
     (dict(epochs=1, max_shift=-1), "non-negative integer max_shift, got -1"),
     (dict(epochs=1, resume=True), "resume=True needs the run_dir"),
+    (dict(epochs=1, val_every=0), "val_every to be None or a positive integer, got 0"),
 ])
 def test_fit_rejects_bad_arguments(sample, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -190,7 +258,7 @@ def test_command_line_trains_checkpoints_resumes_and_prints_provenance(tmp_path,
     train.main(args + ["2", "--resume"])
     out = capsys.readouterr().out
     assert out.count("provenance: mode") == 2
-    assert "train 5,000 | test 1,000" in out and "epochs 0.0016" in out
+    assert "train 4,583 | val 417 | test 0" in out and "epochs 0.00174" in out
     assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
 
 
@@ -210,5 +278,10 @@ def test_command_line_builds_the_model_from_a_json_config_and_resumes_only_the_s
     checkpoint = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["model"] == "matrix" and checkpoint["config"]["A"] == 8
     assert checkpoint["config"]["iterations"] == 2
-    with pytest.raises(ValueError, match="holds model 'matrix' with config"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
         train.main(args[:-1] + ["2", "--resume"])              # the default config differs
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert "holds model 'matrix' with config" in error and "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1

@@ -22,7 +22,8 @@ from torch import nn
 
 from capsutil.losses import CapsNetLoss
 from capsutil.models import CapsNet
-from capsutil.train import adam, compile_model, compile_works, keep_freed_memory
+from capsutil.runtime import compile_model, compile_works, keep_freed_memory
+from capsutil.train import adam
 
 
 class ConvsOnly(nn.Module):

@@ -23,7 +23,8 @@ import torch
 
 from capsutil.losses import SpreadLoss
 from capsutil.models import MATRIX_SIZES, MatrixCapsNet
-from capsutil.train import adam, compile_model, compile_works, keep_freed_memory
+from capsutil.runtime import compile_model, compile_works, keep_freed_memory
+from capsutil.train import adam
 
 
 def measure(config: str, batch_size: int, iterations: int, steps: int, warmup: int,
