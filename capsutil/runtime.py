@@ -60,11 +60,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sharp_inline_figures() -> bool:
+    """In Jupyter, store inline figures at twice their pixel size (``retina``), so that they stay
+    sharp when the book's column shows them; False outside an IPython kernel."""
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:
+        return False
+    if get_ipython() is None:
+        return False
+    set_matplotlib_formats("retina")
+    return True
+
+
 def setup(seed: int = 0) -> torch.device:
-    """Seed every generator, pick the device, print one line with device and mode; return the device."""
+    """Seed every generator, pick the device, make inline figures sharp
+    (:func:`sharp_inline_figures`), print one line with device and mode; return the device."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"expected an integer seed, got {seed!r}")
     seed_everything(seed)
+    sharp_inline_figures()
     device = pick_device()
     print(f"capsutil: device {describe_device(device)} | mode {mode()} | seed {seed}")
     return device
