@@ -158,17 +158,22 @@ def _find(raw_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _try_download(root: Path) -> bool:
-    """Fetch MNIST into ``root`` through torchvision; False when offline or unavailable."""
-    if os.environ.get(OFFLINE_ENV, "").strip() in {"1", "true", "yes"}:
-        return False
+def offline() -> bool:
+    """True when ``CAPSUTIL_OFFLINE`` is 1/true/yes/on (any case): no downloads."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _download(root: Path) -> str | None:
+    """Fetch MNIST into ``root`` through torchvision; None when it worked, else the reason."""
+    if offline():
+        return f"downloads are off ({OFFLINE_ENV} is set)"
     try:
         from torchvision.datasets import MNIST
         for train in (True, False):
             MNIST(str(root), train=train, download=True)
-        return True
-    except Exception:  # no torchvision, no network, or a mirror down: fall back quietly
-        return False
+    except Exception as err:  # no torchvision, no network, or a mirror down: fall back
+        return f"the download failed: {type(err).__name__}: {err}"
+    return None
 
 
 def _check_split(split: str) -> None:
@@ -185,6 +190,9 @@ def load_official(split: str, root: Path) -> Digits | None:
         return None
     images = read_idx(image_path, (n, 28, 28))
     labels = read_idx(label_path, (n,))
+    if labels.max() > 9:
+        raise ValueError(f"MNIST file {label_path.name} is corrupt: labels must be digits 0-9, "
+                         f"found {int((labels > 9).sum())} above 9 (largest {int(labels.max())})")
     return Digits(torch.from_numpy(images.copy()).unsqueeze(1),  # (N, 28, 28) -> (N, 1, 28, 28)
                   torch.from_numpy(labels.astype(np.int64)), "MNIST")
 
@@ -203,18 +211,23 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None,
                download: bool = True) -> Digits:
     """MNIST ``split`` ("train" or "test") as uint8 images (N, 1, 28, 28) and int64 labels (N,).
 
-    Looks in the data root, downloads there through torchvision when allowed and possible,
-    and otherwise falls back to the shipped sample, saying so in one line.
+    Looks in the data root, downloads there through torchvision when allowed (``download``
+    and ``CAPSUTIL_OFFLINE`` unset) and possible, and otherwise falls back to the shipped
+    sample, saying so and why in one line.
     """
     _check_split(split)
     path = resolve_root(root)
     digits = load_official(split, path)
-    if digits is None and download and _try_download(path):
-        digits = load_official(split, path)
+    reason = "download=False"
+    if digits is None and download:
+        reason = _download(path)
+        if reason is None:
+            digits = load_official(split, path)
+            reason = "the download gave no files"
     if digits is None:
         sample = load_sample(split)
-        print(f"capsutil.data: MNIST files not found in the data root and not downloadable; "
-              f"using the shipped sample ({len(sample):,} {split} images)")
+        print(f"capsutil.data: MNIST files not found in the data root and not downloaded "
+              f"({reason}); using the shipped sample ({len(sample):,} {split} images)")
         return sample
     return digits
 

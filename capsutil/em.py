@@ -33,6 +33,26 @@ COVARIANCE_TYPES = ("full", "diag")
 
 
 # ----------------------------------------------------------------------------------------------
+# Checks of the values the steps take
+# ----------------------------------------------------------------------------------------------
+
+def _check_probabilities(p: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``p`` is in [0, 1] (NaN is not). Meta tensors
+    (shapes without values) have nothing to check."""
+    if p.numel() and not p.is_meta and not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError(f"expected {name} in [0, 1], got values from {p.min().item():.4g} "
+                         f"to {p.max().item():.4g}")
+
+
+def _check_positive(values: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``values`` is positive (NaN is not). Meta
+    tensors (shapes without values) have nothing to check."""
+    if values.numel() and not values.is_meta and not bool((values > 0).all()):
+        raise ValueError(f"expected positive {name}, got a smallest value of "
+                         f"{values.min().item():.4g}")
+
+
+# ----------------------------------------------------------------------------------------------
 # E-step
 # ----------------------------------------------------------------------------------------------
 
@@ -41,12 +61,13 @@ def log_binomial(heads: torch.Tensor, n_trials: int, thetas: torch.Tensor) -> to
 
     ``log p(h_n | theta_k) = log C(n_trials, h_n) + h_n log theta_k
     + (n_trials - h_n) log(1 - theta_k)``.
-    heads: (N,) counts; thetas: (K,) heads probabilities. Returns (N, K). ``xlogy`` makes
-    ``0 * log 0 = 0``, so a coin with theta 0 or 1 is allowed.
+    heads: (N,) counts; thetas: (K,) heads probabilities in [0, 1]. Returns (N, K). ``xlogy``
+    makes ``0 * log 0 = 0``, so a coin with theta 0 or 1 is allowed.
     """
     if heads.dim() != 1 or thetas.dim() != 1:
         raise ValueError(f"expected heads of shape (N,) and thetas of shape (K,), "
                          f"got {tuple(heads.shape)} and {tuple(thetas.shape)}")
+    _check_probabilities(thetas, "thetas")
     h = heads[:, None]                                                  # (N, 1)
     log_choose = (math.lgamma(n_trials + 1) - torch.lgamma(h + 1)
                   - torch.lgamma(n_trials - h + 1))                     # (N, 1)
@@ -59,13 +80,15 @@ def log_gaussian_diag(x: torch.Tensor, means: torch.Tensor,
 
     ``log N(x_n | mu_k, diag(sigma_k^2)) = -1/2 sum_d [log(2 pi) + log sigma_kd^2
     + (x_nd - mu_kd)^2 / sigma_kd^2]``.
-    x: (..., N, D); means and variances: (..., K, D); leading batch dimensions broadcast.
-    Returns (..., N, K). Inside, the points run along the last axis, (..., K, D, N), so the sum
-    over d adds long contiguous rows (summing a short last axis is several times slower).
+    x: (..., N, D); means and variances (positive): (..., K, D); leading batch dimensions
+    broadcast. Returns (..., N, K). Inside, the points run along the last axis, (..., K, D, N),
+    so the sum over d adds long contiguous rows (summing a short last axis is several times
+    slower).
     """
     if x.shape[-1] != means.shape[-1] or means.shape != variances.shape:
         raise ValueError(f"expected x (..., N, D), means and variances (..., K, D), got "
                          f"{tuple(x.shape)}, {tuple(means.shape)} and {tuple(variances.shape)}")
+    _check_positive(variances, "variances")
     points = x.transpose(-1, -2).contiguous().unsqueeze(-3)             # (..., 1, D, N)
     z = (points - means.unsqueeze(-1)) / variances.sqrt().unsqueeze(-1)   # (..., K, D, N)
     log_det = torch.log(variances).sum(-1, keepdim=True)                # (..., K, 1)
@@ -94,7 +117,7 @@ def log_gaussian_full(x: torch.Tensor, means: torch.Tensor,
     if bool((info != 0).any()):
         bad = int(torch.nonzero(info)[0, 0])
         raise ValueError(f"expected positive-definite covariances, covariances[{bad}] is not")
-    eye = torch.eye(d, dtype=x.dtype).expand_as(chol)                   # (K, D, D)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device).expand_as(chol)  # (K, D, D)
     chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)    # (K, D, D), L_k^{-1}
     z = (chol_inv.reshape(k * d, d) @ x.T).view(k, d, -1) \
         - chol_inv @ means.unsqueeze(-1)                                # (K, D, N)
@@ -126,7 +149,9 @@ def log_responsibilities(log_prob: torch.Tensor, log_weights: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 def _component_totals(resp: torch.Tensor) -> torch.Tensor:
-    """``N_k = sum_n r_nk`` (plus the empty-component guard): (..., N, K) -> (..., K)."""
+    """``N_k = sum_n r_nk`` (plus the empty-component guard): (..., N, K) -> (..., K), after
+    checking that the responsibilities are probabilities."""
+    _check_probabilities(resp, "responsibilities resp")
     return resp.sum(-2) + EMPTY_COMPONENT_GUARD
 
 
@@ -183,7 +208,7 @@ def m_step_full(x: torch.Tensor, resp: torch.Tensor, reg_covar: float = 1e-6
     means = resp_t @ x / totals[:, None]                                # (K, D)
     diff = x.T.contiguous().unsqueeze(0) - means.unsqueeze(-1)          # (K, D, N)
     covariances = (diff * resp_t.unsqueeze(1)) @ diff.transpose(1, 2)   # (K, D, D)
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     return totals / totals.sum(), means, covariances / totals[:, None, None] + reg_covar * eye
 
 
@@ -487,7 +512,22 @@ class GaussianMixture(_Mixture):
     def _m_step(self, x, resp):
         m_step = m_step_full if self.covariance_type == "full" else m_step_diag
         weights, means, covariances = m_step(x, resp, self.reg_covar)
+        self._check_fitted_covariances(covariances)
         return {"weights": weights, "means": means, "covariances": covariances}
+
+    def _check_fitted_covariances(self, covariances: torch.Tensor) -> None:
+        """Raise ``ValueError``, as scikit-learn does, when an M-step gives a component a
+        variance that is not positive (NaN included) or a full covariance that is not positive
+        definite: an empty component, or collapsed points without ``reg_covar``."""
+        if self.covariance_type == "diag":
+            bad = ~(covariances > 0).all(-1)                            # (K,)
+        else:
+            bad = torch.linalg.cholesky_ex(covariances)[1] != 0         # (K,)
+        if bool(bad.any()):
+            raise ValueError(f"fitting the mixture failed: component {int(bad.nonzero()[0, 0])} "
+                             f"has an ill-defined covariance (for instance collapsed or repeated "
+                             f"points); use fewer components or a larger reg_covar "
+                             f"(now {self.reg_covar!r})")
 
 
 class KMeans:

@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 
-def check_labels(labels: torch.Tensor, n_classes: int, batch: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``labels`` is an integer tensor (B,) with values in [0, n_classes)."""
+def check_labels(labels: torch.Tensor, n_classes: int, batch: int | None = None) -> torch.Tensor:
+    """The class labels as int64 (N,), after checking them.
+
+    Raises ``ValueError`` unless ``labels`` is a tensor (N,) of any integer dtype (int64, int32,
+    uint8, ...) with values in [0, n_classes), and ``batch`` of them when given.
+    """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"expected labels of shape (N,), got {shape}")
@@ -22,6 +26,27 @@ def check_labels(labels: torch.Tensor, n_classes: int, batch: int | None = None)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise ValueError(f"expected labels in 0..{n_classes - 1}, got values from "
                          f"{int(labels.min())} to {int(labels.max())}")
+    return labels.long()                     # one_hot and gather index with int64 only
+
+
+def _check_scores(scores: torch.Tensor, name: str) -> None:
+    """Raise unless ``scores`` is a float tensor (B, K) with B >= 1: a batch mean needs a batch."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"expected {name} of shape (B, K), got {shape}")
+    if not scores.is_floating_point():
+        raise ValueError(f"expected floating-point {name}, got {scores.dtype}")
+    if scores.shape[0] == 0:
+        raise ValueError(f"expected {name} for at least one example: the loss is a mean over "
+                         f"the batch, undefined for an empty one")
+
+
+def _check_output(output, fields: tuple[str, ...], loss: str, model: str) -> None:
+    """Raise ``TypeError`` unless the model output ``output`` has every attribute in ``fields``."""
+    missing = [name for name in fields if not hasattr(output, name)]
+    if missing:
+        raise TypeError(f"{loss} expects the output of {model} (with {', '.join(fields)}), "
+                        f"got a {type(output).__name__} without {', '.join(missing)}")
 
 
 def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9,
@@ -29,12 +54,11 @@ def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9
     """Margin loss (Sabour et al. 2017, eq. 4), summed over classes and averaged over the batch.
 
     ``L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2`` with ``T_k = 1``
-    for the true class. lengths: (B, K) capsule lengths; labels: (B,) class indices. Returns a
-    scalar.
+    for the true class. lengths: (B, K) capsule lengths, B >= 1; labels: (B,) class indices of
+    any integer dtype. Returns a scalar.
     """
-    if lengths.dim() != 2:
-        raise ValueError(f"expected capsule lengths of shape (B, K), got {tuple(lengths.shape)}")
-    check_labels(labels, lengths.shape[1], lengths.shape[0])
+    _check_scores(lengths, "capsule lengths")
+    labels = check_labels(labels, lengths.shape[1], lengths.shape[0])
     present = torch.nn.functional.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (B, K)
     loss_present = present * torch.relu(m_plus - lengths) ** 2                         # (B, K)
     loss_absent = lambda_absent * (1 - present) * torch.relu(lengths - m_minus) ** 2   # (B, K)
@@ -48,6 +72,9 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor,
     reconstructions: (B, H*W) in [0, 1]; images: (B, 1, H, W) or (B, H*W). Returns a scalar.
     The small scale keeps the decoder from dominating the margin loss.
     """
+    if len(images) == 0:
+        raise ValueError("expected at least one image: the loss is a mean over the batch, "
+                         "undefined for an empty one")
     target = images.reshape(images.shape[0], -1)                                      # (B, H*W)
     if reconstructions.shape != target.shape:
         raise ValueError(f"expected reconstructions of shape {tuple(target.shape)} to match the "
@@ -70,6 +97,7 @@ class CapsNetLoss(nn.Module):
 
     def parts(self, output, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"margin": ..., "reconstruction": ...}``, each a scalar tensor."""
+        _check_output(output, ("lengths", "reconstructions"), "CapsNetLoss", "CapsNet")
         return {
             "margin": margin_loss(output.lengths, labels, self.m_plus, self.m_minus,
                                   self.lambda_absent),
@@ -87,11 +115,11 @@ def spread_loss(activations: torch.Tensor, labels: torch.Tensor, margin: float) 
 
     ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``: every wrong class i whose activation is not
     at least ``margin`` below the target's ``a_t`` is pushed down (and the target up).
-    activations: (B, K); labels: (B,) class indices. Returns a scalar.
+    activations: (B, K), B >= 1; labels: (B,) class indices of any integer dtype. Returns a
+    scalar.
     """
-    if activations.dim() != 2:
-        raise ValueError(f"expected class activations of shape (B, K), got {tuple(activations.shape)}")
-    check_labels(labels, activations.shape[1], activations.shape[0])
+    _check_scores(activations, "class activations")
+    labels = check_labels(labels, activations.shape[1], activations.shape[0])
     target = activations.gather(1, labels.unsqueeze(1))                              # (B, 1)
     spread = torch.relu(margin - (target - activations)) ** 2                       # (B, K)
     wrong = 1 - torch.nn.functional.one_hot(labels, activations.shape[1]).to(spread.dtype)
@@ -122,6 +150,7 @@ class SpreadLoss(nn.Module):
         return self.margin_end * progress + self.margin_start * (1 - progress)
 
     def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_output(output, ("activations",), "SpreadLoss", "MatrixCapsNet")
         loss = spread_loss(output.activations, labels, self.margin)
         if self.training and torch.is_grad_enabled():
             self.steps += 1

@@ -160,7 +160,8 @@ class _RoutedCaps(nn.Module):
         layer's (the paper's ConvCaps1 at batch 32 would otherwise hold several GB). The
         results are those of a single call.
         """
-        rows_per_chunk = max(1, ROUTING_CHUNK_BYTES // (votes[0].numel() * votes.element_size()))
+        row_bytes = votes.shape[1:].numel() * votes.element_size()        # one row's votes
+        rows_per_chunk = max(1, ROUTING_CHUNK_BYTES // row_bytes)
         if return_assignments or not torch.is_grad_enabled() or len(votes) <= rows_per_chunk:
             routed = self._em_routing(votes, activations, return_assignments)
         else:

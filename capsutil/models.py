@@ -52,14 +52,25 @@ def check_images(images: torch.Tensor, channels: int, size: int) -> None:
                          f"convert with capsutil.data.to_float")
 
 
+def check_batch_size(batch_size: int) -> int:
+    """Raise ``ValueError`` unless ``batch_size`` is a positive integer; return it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
+    return batch_size
+
+
 @torch.no_grad()
 def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
                        prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
     """Predicted classes, int64 (N,) on the CPU, of ``model`` in eval mode for ``images`` (N, ...).
 
     Each chunk of ``batch_size`` images goes through ``prepare`` (e.g. uint8 -> float) and onto
-    the model's device; the model's training/eval mode is restored afterwards.
+    the model's device; the model's training/eval mode is restored afterwards. No images give
+    an empty result.
     """
+    check_batch_size(batch_size)
+    if len(images) == 0:
+        return torch.empty(0, dtype=torch.int64)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -70,6 +81,19 @@ def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int =
         model.train(was_training)
 
 
+def check_pixels(images: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every pixel of the float ``images`` is finite and in [0, 1]."""
+    if not images.numel():
+        return
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"expected finite pixel values in [0, 1], got {bad} NaN or infinite "
+                         f"values")
+    if float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError(f"expected pixel values in [0, 1], got values from "
+                         f"{float(images.min()):g} to {float(images.max()):g}")
+
+
 class ImageClassifier(nn.Module):
     """A model of images (B, ``in_channels``, ``image_size``, ``image_size``) whose output has
     ``predictions`` (B,); it gains :meth:`predict`."""
@@ -77,13 +101,18 @@ class ImageClassifier(nn.Module):
     in_channels: int
     image_size: int
 
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` checked (:func:`check_images`) and in the dtype of the model's weights, so
+        float64, float16 or bfloat16 images work with a float32 model (a no-op when they match)."""
+        check_images(images, self.in_channels, self.image_size)
+        return images.to(next(self.parameters()).dtype)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1]; in eval mode."""
+        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1] of any float dtype;
+        in eval mode. No images give an empty result; NaN or infinite pixels raise."""
         check_images(images, self.in_channels, self.image_size)
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError(f"expected pixel values in [0, 1], got values from "
-                             f"{float(images.min()):g} to {float(images.max()):g}")
+        check_pixels(images)
         return predict_in_batches(self, images, batch_size).to(images.device)
 
 
@@ -131,14 +160,13 @@ class CapsNet(ImageClassifier):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 return_couplings: bool = False) -> CapsNetOutput:
-        check_images(images, self.in_channels, self.image_size)
+        images = self.model_input(images)
         u = self.primary(torch.relu(self.conv1(images)))              # (B, I, D)
         routed = self.digits(u, return_couplings=return_couplings)
         poses, couplings = routed if return_couplings else (routed, None)   # (B, J, E)
         lengths = capsule_lengths(poses)                              # (B, J)
         if self.training and labels is not None:
-            check_labels(labels, lengths.shape[1], lengths.shape[0])
-            index = labels
+            index = check_labels(labels, lengths.shape[1], lengths.shape[0])    # int64 (B,)
         else:
             index = lengths.argmax(dim=1)
         return CapsNetOutput(lengths, poses, self.decoder(poses, index), couplings)
@@ -222,7 +250,7 @@ class MatrixCapsNet(ImageClassifier):
         ``return_assignments`` each routed layer's tuple also ends with its assignments, one
         tensor per routing iteration.
         """
-        check_images(images, self.in_channels, self.image_size)
+        images = self.model_input(images)
         x = torch.relu(self.conv1(images))                            # (B, A, 12, 12)
         layers = {"primary": self.primary(x)}                         # on the 12x12 grid, B types
         layers["conv_caps1"] = self.conv_caps1(*layers["primary"],    # 5x5 grid, C types

@@ -17,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 SQUASH_EPS = 1e-8
+# Above this squared length the direct formula's denominator (1 + |s|^2) sqrt(|s|^2) nears the
+# largest float32 (it overflows at |s|^2 of about 5e25, |s| about 7e12); squash then divides by
+# its two factors one after the other instead.
+SQUASH_LARGE_NORM_SQ = 1e20
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype routing computes in: the widest of ``dtypes``, and at least float32.
+
+    float16 and bfloat16 are widened because float16 rounds ``SQUASH_EPS`` to 0 and overflows
+    ``|s|^2`` from ``|s|`` of about 256, and bfloat16 keeps only 8 bits of mantissa, too few
+    for EM routing's variances and their logarithms.
+    """
+    widest = torch.float32
+    for dtype in dtypes:
+        widest = torch.promote_types(widest, dtype)
+    return widest
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -24,10 +41,21 @@ def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Ten
 
     Short vectors shrink to almost zero length, long ones to just below 1; the orientation is
     kept. ``eps`` sits inside the square root, so the gradient at ``s = 0`` is finite (zero)
-    instead of NaN (chapter 03). Same shape in and out.
+    instead of NaN (chapter 03). Same shape and dtype in and out.
+
+    Safe magnitudes: float16 and bfloat16 vectors are squashed in float32. The output and its
+    gradient are finite for every finite ``s`` whose squared length ``|s|^2`` is finite in the
+    dtype computed in: every float16 vector, float32 and bfloat16 vectors up to a length of
+    about 1.8e19 (1e19 is safe), float64 up to about 1e154. Beyond ``|s|^2 = 1e20`` the two
+    factors of the denominator divide one after the other so that their product never
+    overflows; below it the formula is the direct one, evaluated exactly as written above.
     """
-    norm_sq = (s * s).sum(dim=dim, keepdim=True)
-    return s * (norm_sq / ((1.0 + norm_sq) * torch.sqrt(norm_sq + eps)))
+    work = s.to(compute_dtype(s.dtype))                               # float16, bfloat16 -> float32
+    norm_sq = (work * work).sum(dim=dim, keepdim=True)
+    direct = norm_sq / ((1.0 + norm_sq) * torch.sqrt(norm_sq + eps))
+    stepwise = (norm_sq / (1.0 + norm_sq)) / torch.sqrt(norm_sq + eps)
+    factor = torch.where(norm_sq > SQUASH_LARGE_NORM_SQ, stepwise, direct)
+    return (work * factor).to(s.dtype)
 
 
 def _check_iterations(iterations: int) -> None:
@@ -60,21 +88,31 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, *, detach_intermed
     choose *where* votes go, while learning shapes *what* they vote; it also keeps backward
     cheap. ``False`` backpropagates through every iteration.
 
-    Returns ``v`` of shape (B, J, D), and with ``return_couplings=True`` also the list of the
-    coupling coefficients ``c`` (each (B, I, J)) used in each iteration.
+    Returns ``v`` of shape (B, J, D) in the dtype of ``u_hat``, and with
+    ``return_couplings=True`` also the list of the coupling coefficients ``c`` (each (B, I, J))
+    used in each iteration.
+
+    Precision and safe magnitudes: float16 and bfloat16 predictions are routed in float32 (the
+    logits and couplings stay float32; under ``torch.autocast`` the two einsums run in the
+    autocast dtype). ``s_j`` is at most ``I`` times the largest entry of ``u_hat`` in each
+    component, so the outputs are finite and the couplings sum to one for every finite ``u_hat``
+    with ``I * sqrt(D) * max|u_hat|`` below about 1e19 (see :func:`squash`): entries up to 1e15
+    for CapsNet's 1152 children of 16 dimensions, and every float16 ``u_hat``.
     """
     _check_votes(u_hat, iterations)
-    u_route = u_hat.detach() if detach_intermediate else u_hat
-    logits = u_hat.new_zeros(u_hat.shape[:3])                        # (B, I, J)
+    u_work = u_hat.to(compute_dtype(u_hat.dtype))                   # float16, bfloat16 -> float32
+    u_route = u_work.detach() if detach_intermediate else u_work
+    logits = u_work.new_zeros(u_hat.shape[:3])                       # (B, I, J)
     couplings = []
     for step in range(iterations):
         c = torch.softmax(logits, dim=2)                             # (B, I, J), sums to 1 over j
         couplings.append(c)
         last = step == iterations - 1
-        votes = u_hat if last else u_route
+        votes = u_work if last else u_route
         v = squash(torch.einsum("bij,bijd->bjd", c, votes))          # (B, J, D)
         if not last:
             logits = logits + torch.einsum("bijd,bjd->bij", u_route, v)
+    v = v.to(u_hat.dtype)
     return (v, couplings) if return_couplings else v
 
 
@@ -89,6 +127,12 @@ VARIANCE_FLOOR = 1e-4
 COST_NORMALIZATIONS = ("children_per_parent", "none")
 # The final inverse temperature of the default schedule, for each cost normalisation.
 FINAL_INVERSE_TEMPERATURE = {"children_per_parent": 1.0, "none": 0.01}
+# A parent's weights r_ij / sum_i r_ij divide by at least this mass (10 float32 epsilons), so a
+# parent that receives (almost) nothing gets weights near 0, not 0 / 0, and bounded gradients.
+# Any parent with more mass is normalised exactly: its mean is not pulled towards 0. (An
+# additive guard of 10 epsilons of the votes' own dtype shrank the means by 17% in float16 and
+# 62% in bfloat16; the routing computes in float32 at least, see compute_dtype.)
+EMPTY_PARENT_MASS = 10 * torch.finfo(torch.float32).eps
 
 
 def inverse_temperature_schedule(iterations: int, final: float = 1.0,
@@ -133,7 +177,7 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
     Args:
         votes: (B, I, J, D) the vote of every child for every parent, ``V_ij = M_i W_ij``
             flattened (D = 16 for 4x4 poses); floating point.
-        a_in: (B, I) child activations in [0, 1], same dtype and device as the votes.
+        a_in: (B, I) child activations in [0, 1], floating point, on the votes' device.
         beta_u, beta_a: learned per parent: tensors (e.g. ``nn.Parameter``) or floats,
             broadcastable to (J,).
         iterations: number of M-steps (the paper uses 3).
@@ -170,7 +214,15 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
     Returns:
         ``(mu, a_out)``: parent poses (B, J, D) (the means) and activations (B, J); with
         ``return_assignments=True`` also the list of the ``iterations`` assignments R, each
-        (B, I, J) and summing to 1 over the parents, that the M-steps used.
+        (B, I, J) and summing to 1 over the parents, that the M-steps used. All in the dtype
+        computed in (below). An empty batch (B = 0) gives empty results.
+
+    Precision: the routing computes in the wider of the votes' and activations' dtypes, and at
+    least float32 (:func:`compute_dtype`), with autocast switched off inside, and returns that
+    dtype: float16 and bfloat16 votes, or votes from a network under ``torch.autocast``, are
+    routed in float32. A parent's weights ``r_ij / sum_i r_ij`` divide by the exact mass it
+    receives, floored at ``EMPTY_PARENT_MASS`` (about 1.2e-6) for a parent that receives
+    (almost) nothing, so the means of parents with data are not biased.
 
     Speed and memory: the sums over children are batched matrix products on the votes laid out
     as (B, J, I, D). ``votes.transpose(1, 2)`` is made contiguous once, which copies the votes
@@ -178,13 +230,18 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
     view). Besides that, one (B, J, I, D) buffer holds ``(V - mu)^2``: the M-step's variances
     and the E-step's densities share it, and it is reused in place by every iteration run
     without autograd. Variances come from these centred squares, not from ``E[V^2] - mu^2``,
-    which loses all precision in float32 when votes are large next to their spread. Outputs and
-    gradients stay finite for zero activations, coinciding votes and votes up to about 1e15 in
-    float32 (beyond that the squared deviations overflow); with ``detach_intermediate=False``
-    the gradients through the E-steps multiply squared deviations by other gradients and stay
-    finite for votes up to about 1e9.
+    which loses all precision in float32 when votes are large next to their spread.
+
+    Safe magnitudes: outputs and gradients stay finite for zero activations, coinciding votes
+    and finite votes up to about 1e15 in absolute value when computed in float32 (so every
+    float16 vote, and bfloat16 votes up to 1e15; beyond that the squared deviations overflow);
+    with ``detach_intermediate=False`` the gradients through the E-steps multiply squared
+    deviations by other gradients and stay finite for votes up to about 1e9. The assignments
+    sum to one over the parents throughout.
     """
     b, n_children, n_parents, _ = _check_em_inputs(votes, a_in, iterations)
+    dtype = compute_dtype(votes.dtype, a_in.dtype)                      # float16, bfloat16 -> float32
+    votes, a_in = votes.to(dtype), a_in.to(dtype)
     beta_u = _per_parent(beta_u, "beta_u", votes, n_parents)
     beta_a = _per_parent(beta_a, "beta_a", votes, n_parents)
     if cost_normalization not in COST_NORMALIZATIONS:
@@ -198,12 +255,26 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
             or not variance_floor > 0:
         raise ValueError(f"expected a positive variance_floor, got {variance_floor!r}")
     data_scale = n_children / n_parents if cost_normalization == "children_per_parent" else 1.0
-
-    v = votes.transpose(1, 2).contiguous()                               # (B, J, I, D)
     if initial_assignments is None:
         R = votes.new_full((b, n_parents, n_children), 1.0 / n_parents)   # (B, J, I)
     else:
         R = _check_initial_assignments(initial_assignments, votes).transpose(1, 2)   # (B, J, I)
+    with torch.autocast(votes.device.type, enabled=False):               # computes in `dtype`
+        mu, a_out, assignments = _em_iterations(
+            votes, a_in, beta_u, beta_a, R, lambdas, data_scale=data_scale,
+            variance_floor=variance_floor, detach_intermediate=detach_intermediate)
+    if return_assignments:
+        return mu, a_out, [r.transpose(1, 2) for r in assignments]       # each (B, I, J)
+    return mu, a_out
+
+
+def _em_iterations(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor,
+                   beta_a: torch.Tensor, R: torch.Tensor, lambdas: list[float], *,
+                   data_scale: float, variance_floor: float, detach_intermediate: bool):
+    """The iterations of :func:`em_routing` on checked inputs of one dtype, from assignments
+    R (B, J, I). Returns ``(mu, a_out, assignments)``: (B, J, D), (B, J) and the list of the
+    assignments each M-step used, each (B, J, I)."""
+    v = votes.transpose(1, 2).contiguous()                               # (B, J, I, D)
     step = dict(v=v, a_in=a_in, beta_u=beta_u, beta_a=beta_a, data_scale=data_scale,
                 variance_floor=variance_floor)
     records_graph = torch.is_grad_enabled() and any(
@@ -213,7 +284,7 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
     buffer = None if loop_records_graph else torch.empty_like(v)         # (B, J, I, D)
     assignments = []
     with contextlib.nullcontext() if loop_records_graph else torch.no_grad():
-        for t in range(iterations - 1):
+        for t in range(len(lambdas) - 1):
             assignments.append(R)
             mu, var, logit, squares = _em_m_step(R=R, inverse_temperature=lambdas[t],
                                                  buffer=buffer, **step)
@@ -224,10 +295,7 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
         buffer = squares = None             # free it before the recorded last M-step
     assignments.append(R)
     mu, _, logit, _ = _em_m_step(R=R, inverse_temperature=lambdas[-1], buffer=buffer, **step)
-    a_out = torch.sigmoid(logit)                                         # (B, J)
-    if return_assignments:
-        return mu, a_out, [r.transpose(1, 2) for r in assignments]       # each (B, I, J)
-    return mu, a_out
+    return mu, torch.sigmoid(logit), assignments                         # (B, J, D), (B, J)
 
 
 def _em_m_step(*, v: torch.Tensor, a_in: torch.Tensor, R: torch.Tensor, beta_u: torch.Tensor,
@@ -242,8 +310,7 @@ def _em_m_step(*, v: torch.Tensor, a_in: torch.Tensor, R: torch.Tensor, beta_u: 
     """
     r = R * a_in.unsqueeze(1)                                            # (B, J, I): R_ij a_i
     r_sum = r.sum(-1, keepdim=True)                                      # (B, J, 1)
-    guard = 10 * torch.finfo(r.dtype).eps                                # a parent with no data
-    weights = (r / (r_sum + guard)).unsqueeze(-2)                        # (B, J, 1, I)
+    weights = (r / r_sum.clamp_min(EMPTY_PARENT_MASS)).unsqueeze(-2)     # (B, J, 1, I)
     if buffer is None:
         (mu, var), squares = _WeightedMoments.apply(weights, v), None
     else:
@@ -310,10 +377,10 @@ def _em_e_step(squares: torch.Tensor, var: torch.Tensor, logit: torch.Tensor) ->
 
 
 def _check_em_inputs(votes: torch.Tensor, a_in: torch.Tensor, iterations: int) -> tuple[int, ...]:
-    if not isinstance(votes, torch.Tensor) or votes.dim() != 4 or 0 in votes.shape:
+    if not isinstance(votes, torch.Tensor) or votes.dim() != 4 or 0 in votes.shape[1:]:
         shape = tuple(votes.shape) if isinstance(votes, torch.Tensor) else type(votes).__name__
         raise ValueError(f"expected votes of shape (batch, children, parents, pose components), "
-                         f"none of them empty, got {shape}")
+                         f"none but the batch empty, got {shape}")
     if not votes.is_floating_point():
         raise ValueError(f"expected floating-point votes, got {votes.dtype}")
     b, i = votes.shape[:2]
@@ -321,9 +388,9 @@ def _check_em_inputs(votes: torch.Tensor, a_in: torch.Tensor, iterations: int) -
         shape = tuple(a_in.shape) if isinstance(a_in, torch.Tensor) else type(a_in).__name__
         raise ValueError(f"expected child activations a_in of shape (batch, children) = {(b, i)}, "
                          f"got {shape}")
-    if a_in.dtype != votes.dtype or a_in.device != votes.device:
-        raise ValueError(f"expected a_in as {votes.dtype} on {votes.device} like the votes, "
-                         f"got {a_in.dtype} on {a_in.device}")
+    if not a_in.is_floating_point() or a_in.device != votes.device:
+        raise ValueError(f"expected floating-point child activations a_in on {votes.device} like "
+                         f"the votes, got {a_in.dtype} on {a_in.device}")
     # A data-dependent check: skipped inside torch.compile, where it would split the graph.
     if not torch.compiler.is_compiling() and not bool(((a_in >= 0) & (a_in <= 1)).all()):
         raise ValueError(f"expected child activations a_in in [0, 1], got values from "
@@ -351,11 +418,11 @@ def _check_inverse_temperatures(values: Sequence[float], iterations: int) -> lis
 
 def _check_initial_assignments(R: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
     shape = tuple(votes.shape[:3])
-    if not isinstance(R, torch.Tensor) or tuple(R.shape) != shape or R.dtype != votes.dtype:
+    if not isinstance(R, torch.Tensor) or tuple(R.shape) != shape or not R.is_floating_point():
         got = (tuple(R.shape), R.dtype) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ValueError(f"expected initial_assignments of shape (batch, children, parents) = "
-                         f"{shape} and dtype {votes.dtype}, got {got}")
-    R = R.to(votes.device)
+        raise ValueError(f"expected floating-point initial_assignments of shape (batch, children, "
+                         f"parents) = {shape}, got {got}")
+    R = R.to(votes.device, votes.dtype)
     if not torch.compiler.is_compiling() and not (
             bool((R >= 0).all()) and torch.allclose(R.sum(-1), torch.ones_like(R[..., 0]))):
         raise ValueError("expected initial_assignments >= 0 and summing to 1 over the parents")

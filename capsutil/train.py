@@ -36,7 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from capsutil import runtime
-from capsutil.checkpoints import export, load_checkpoint, rebuild, save_checkpoint
+from capsutil.checkpoints import (WEIGHTS_SUFFIX, RunDirectoryInUse, claimed_run_directory,
+                                  export, load_checkpoint, rebuild, save_checkpoint)
 from capsutil.data import Digits, load_mnist, random_shift, split_validation, to_float
 from capsutil.models import MODELS, build_loss, build_model, predict_in_batches
 from capsutil.stats import Accuracy
@@ -117,8 +118,6 @@ def evaluate(model: nn.Module, digits: Digits, batch_size: int = 500) -> Evaluat
 
     The model's training/eval mode is restored afterwards.
     """
-    if batch_size < 1:
-        raise ValueError(f"expected a positive batch size, got {batch_size}")
     predictions = predict_in_batches(model, digits.images, batch_size, prepare=to_float)  # (N,)
     accuracy = int((predictions == digits.labels).sum()) / max(len(digits), 1)
     return Evaluation(accuracy, predictions, digits.labels.clone())
@@ -165,6 +164,42 @@ def _epoch_order(generator: torch.Generator, epoch_start_rng: torch.Tensor, n: i
     return order
 
 
+def _file_sizes(model: nn.Module) -> dict[str, int]:
+    """About how large a run's files get: the checkpoint holds the weights and Adam's two
+    moments of each, the best checkpoint the weights alone."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {CHECKPOINT_NAME: 3 * weights, BEST_NAME: weights}
+
+
+class NonFiniteTraining(FloatingPointError):
+    """A training step met a NaN or infinite loss or gradient; the message names the step."""
+
+
+def _check_finite_step(model: nn.Module, loss: float, step: int, path: Path | None,
+                       saved_step: int | None) -> None:
+    """Raise :class:`NonFiniteTraining` naming ``step`` when the loss or a gradient of ``model``
+    is NaN or infinite, saying that the checkpoint ``path`` of ``saved_step`` is kept."""
+    if not math.isfinite(loss):
+        raise NonFiniteTraining(f"step {step}: the loss is {loss}; training stopped before this "
+                                f"step's update, {_kept(path, saved_step)}")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        name = next(n for n, p in model.named_parameters()
+                    if p.grad is not None and not bool(p.grad.isfinite().all()))
+        raise NonFiniteTraining(f"step {step}: the gradient of {name} holds NaN or infinite "
+                                f"values; training stopped before this step's update, "
+                                f"{_kept(path, saved_step)}")
+
+
+def _kept(path: Path | None, saved_step: int | None) -> str:
+    """What a stopped run keeps, in words: its last checkpoint, untouched."""
+    if path is None:
+        return "and without a run_dir no checkpoint was written"
+    if saved_step is None:
+        return f"before its first checkpoint: no {path} was written"
+    return f"the last good checkpoint {path} (step {saved_step}) is untouched"
+
+
 def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None = None, *,
         epochs: int, batch_size: int = 128, lr: float = 1e-3, lr_decay: float = 0.9,
         max_shift: int = 2, seed: int = 0, run_dir: str | os.PathLike | None = None,
@@ -186,16 +221,38 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
     On the CPU, :func:`capsutil.runtime.keep_freed_memory` is switched on. Shows one tqdm bar
     and prints one line per epoch when ``progress``. Returns the :class:`History`, also stored
     in every checkpoint.
+
+    Before any training, ``run_dir`` is created and checked (writable, with room for its
+    checkpoints) and locked, so that a second run on the same folder refuses to start
+    (``RunDirectoryInUse``) until this one ends; temporary files of an interrupted save are
+    removed (see :func:`capsutil.checkpoints.claimed_run_directory`). A NaN or infinite loss or
+    gradient stops training before that step's update with :class:`NonFiniteTraining`, which
+    names the step; the last checkpoint written stays as it was.
     """
     _check_fit_arguments(epochs, batch_size, lr, lr_decay, max_shift, checkpoint_every,
                          val_every, max_steps)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir that holds the checkpoint")
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
+                    max_shift=max_shift, seed=seed, checkpoint_every=checkpoint_every,
+                    resume=resume, val_every=val_every, max_steps=max_steps, compile=compile,
+                    progress=progress)
+    if run_dir is None:
+        return _train(model, loss_fn, train, val, **settings)
+    with claimed_run_directory(run_dir, _file_sizes(model)):
+        return _train(model, loss_fn, train, val, run_dir=Path(run_dir), **settings)
+
+
+def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None, *,
+           epochs: int, batch_size: int, lr: float, lr_decay: float, max_shift: int, seed: int,
+           checkpoint_every: int | None, resume: bool, val_every: int | None,
+           max_steps: int | None, compile: bool, progress: bool,
+           run_dir: Path | None = None) -> History:
+    """The training loop of :func:`fit`, on checked arguments and a claimed ``run_dir``."""
     device = next(model.parameters()).device
     if device.type == "cpu":
         runtime.keep_freed_memory()
-    run_dir = Path(run_dir) if run_dir is not None else None
     path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    if resume and path is None:
-        raise ValueError("resume=True needs the run_dir that holds the checkpoint")
     if path is not None and not resume and path.exists():
         raise FileExistsError(f"{path} already exists; pass resume=True to continue that run "
                               f"or choose another run_dir")
@@ -208,6 +265,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
     history, epoch, step, batch = History(), 0, 0, 0
     sums = dict(loss=0.0, correct=0, seen=0, seconds=0.0)       # running sums of the epoch
     epoch_start_rng = generator.get_state()
+    saved_step = None                                 # the step of the last checkpoint written
     if resume:
         checkpoint = load_checkpoint(path, map_location=device)
         _check_resumable(checkpoint, path, model, recipe)
@@ -222,6 +280,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
         history = History(**checkpoint["history"])
         epoch, step, batch, sums = (checkpoint["epoch"], checkpoint["step"], checkpoint["batch"],
                                     checkpoint["sums"])
+        saved_step = step
         if epochs < epoch + (batch > 0):
             raise ValueError(f"checkpoint {path} is already {epoch} epochs and {batch} batches "
                              f"in; ask for at least {epoch + (batch > 0)} epochs")
@@ -230,6 +289,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
     n_batches = math.ceil(len(train) / batch_size)
 
     def save() -> None:
+        nonlocal saved_step
         if path is not None:
             save_checkpoint(dict(
                 model=getattr(model, "model_name", None), config=getattr(model, "config", None),
@@ -239,6 +299,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
                 torch_rng=torch.get_rng_state(), generator_rng=generator.get_state(),
                 epoch_start_rng=epoch_start_rng, history=asdict(history), recipe=recipe,
                 epoch=epoch, step=step, batch=batch, sums=sums), path)
+            saved_step = step
 
     def validate() -> float:
         """Score ``val``, log the check, and keep the weights when they are the best so far."""
@@ -267,9 +328,11 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
             optimizer.zero_grad(set_to_none=True)
             output = model(images, labels)
             loss = loss_fn(output, images, labels)
+            loss_value = loss.item()
             loss.backward()
+            _check_finite_step(model, loss_value, step + 1, path, saved_step)
             optimizer.step()
-            sums["loss"] += loss.item() * len(labels)
+            sums["loss"] += loss_value * len(labels)
             sums["correct"] += (output.predictions == labels).sum().item()
             sums["seen"] += len(labels)
             batch, step = batch + 1, step + 1
@@ -404,7 +467,7 @@ def main(argv: list[str] | None = None) -> History:
         parser.error("--select best needs a validation set; give --val-size > 0 or --select last")
     try:
         return _train_and_export(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, OSError, RunDirectoryInUse, NonFiniteTraining) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
@@ -436,7 +499,8 @@ def _train_and_export(args: argparse.Namespace) -> History:
             split=split.record() if split is not None else None)
         print(f"selected: {args.select} weights, epoch {selected['epoch']:g}; "
               f"test set, scored once: {score}")
-        print(f"exported {json_path.with_suffix('.pt').name} and {json_path.name} to {args.export}")
+        print(f"exported {json_path.with_suffix(WEIGHTS_SUFFIX).name} and {json_path.name} to "
+              f"{args.export}")
     return history
 
 

@@ -2,7 +2,9 @@ import gzip
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -195,3 +197,41 @@ def test_stratified_tail_takes_the_last_of_each_class_in_file_order():
 def test_validation_split_rejects_impossible_sizes(val_size):
     with pytest.raises(ValueError, match="expected a validation size between 1 and 4999"):
         data.split_validation(data.load_sample("train"), val_size)
+
+
+@pytest.mark.parametrize("value", ["1", "True", "TRUE", "true", "on", "Yes", " yes "])
+def test_any_usual_spelling_of_offline_forbids_downloads(no_data_root, capsys, monkeypatch,
+                                                         value):
+    monkeypatch.setenv(data.OFFLINE_ENV, value)
+    monkeypatch.setitem(sys.modules, "torchvision", None)       # importing it would fail loudly
+    data.load_mnist("test", root=no_data_root)
+    assert "(downloads are off (CAPSUTIL_OFFLINE is set))" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "", "off", "no"])
+def test_other_values_of_offline_allow_downloads(monkeypatch, value):
+    monkeypatch.setenv(data.OFFLINE_ENV, value)
+    assert not data.offline()
+
+
+def test_a_failed_download_says_why_in_the_fallback_line(no_data_root, capsys, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+    datasets = SimpleNamespace(MNIST=unreachable)
+    monkeypatch.setenv(data.OFFLINE_ENV, "0")
+    monkeypatch.setitem(sys.modules, "torchvision", SimpleNamespace(datasets=datasets))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    data.load_mnist("test", root=no_data_root)
+    assert ("not downloaded (the download failed: OSError: network is unreachable); using the "
+            "shipped sample" in capsys.readouterr().out)
+
+
+def test_labels_outside_0_to_9_raise_an_error_naming_the_file(tiny_root):
+    path = tiny_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(path.read_bytes()))
+    content[8 + 5] = 10                                         # the sixth label, after the header
+    content[8 + 9] = 255
+    path.write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz is corrupt: labels must be "
+                                         "digits 0-9, found 2 above 9 \\(largest 255\\)"):
+        data.load_mnist("test", root=tiny_root, download=False)

@@ -8,8 +8,9 @@ from scipy.stats import multivariate_normal
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
 
-from capsutil.em import (BinomialMixture, GaussianMixture, KMeans, log_gaussian_diag,
-                         log_gaussian_full, log_responsibilities, m_step_diag)
+from capsutil.em import (BinomialMixture, GaussianMixture, KMeans, log_binomial,
+                         log_gaussian_diag, log_gaussian_full, log_responsibilities,
+                         m_step_binomial, m_step_diag, m_step_full)
 
 HEADS = [5, 9, 8, 4, 7]          # Do & Batzoglou (2008): heads in five experiments of 10 tosses
 TOSSES = 10
@@ -256,3 +257,49 @@ def test_kmeans_rejects_bad_input():
         KMeans(2).fit([[0.0, np.nan], [1.0, 1.0], [2.0, 2.0]])
     with pytest.raises(ValueError, match="at least n_clusters=3 points, got 2"):
         KMeans(3).fit([[0.0, 0.0], [1.0, 1.0]])
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("covariance_type", ["diag", "full"])
+def test_gmm_on_constant_data_without_reg_covar_raises_like_sklearn(covariance_type):
+    """Two components on one repeated point: one component gets no data and a zero (diagonal)
+    or singular (full) covariance, which used to give NaN silently."""
+    constant = np.full((20, 2), 3.0)
+    with pytest.raises(ValueError, match="component [01] has an ill-defined covariance .* larger "
+                                         "reg_covar \\(now 0\\)"):
+        GaussianMixture(2, covariance_type=covariance_type, reg_covar=0,
+                        random_state=0).fit(constant)
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        SklearnGaussianMixture(2, covariance_type=covariance_type, reg_covar=0,
+                               random_state=0).fit(constant)
+
+
+@pytest.mark.parametrize("variances", [torch.zeros(2, 3), -torch.ones(2, 3),
+                                       torch.full((2, 3), float("nan"))])
+def test_diagonal_log_density_refuses_variances_that_are_not_positive(variances):
+    with pytest.raises(ValueError, match="expected positive variances"):
+        log_gaussian_diag(torch.randn(4, 3), torch.zeros(2, 3), variances)
+
+
+@pytest.mark.parametrize("thetas", [torch.tensor([0.5, 1.5]), torch.tensor([-0.1, 0.5]),
+                                    torch.tensor([0.5, float("nan")])])
+def test_binomial_log_probability_refuses_thetas_outside_0_1(thetas):
+    with pytest.raises(ValueError, match="expected thetas in \\[0, 1\\]"):
+        log_binomial(torch.tensor([3.0, 7.0]), 10, thetas.double())
+
+
+@pytest.mark.parametrize("m_step", [m_step_diag, m_step_full])
+def test_m_steps_refuse_responsibilities_outside_0_1(m_step):
+    resp = torch.tensor([[0.5, 0.5], [1.2, -0.2], [0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected responsibilities resp in \\[0, 1\\], got "
+                                         "values from -0.2 to 1.2"):
+        m_step(torch.randn(3, 2, dtype=torch.float64), resp)
+    with pytest.raises(ValueError, match="expected responsibilities resp in \\[0, 1\\]"):
+        m_step_binomial(torch.tensor([3.0, 7.0, 5.0]), 10, resp)
+
+
+def test_full_covariance_m_step_builds_its_identity_on_the_data_device():
+    x = torch.empty(5, 3, dtype=torch.float64, device="meta")
+    resp = torch.empty(5, 2, dtype=torch.float64, device="meta")
+    weights, means, covariances = m_step_full(x, resp)
+    assert covariances.device.type == "meta" and covariances.shape == (2, 3, 3)

@@ -204,8 +204,8 @@ def test_detached_intermediate_iterations_treat_assignments_as_constants():
     v, a, bu, ba = copies
     r = frozen * a[:, :, None]
     r_sum = r.sum(1)                                                          # (B, J)
-    mean = torch.einsum("bij,bijd->bjd", r, v) / (r_sum[..., None] + 10 * torch.finfo(F64).eps)
-    var = torch.einsum("bij,bijd->bjd", r, (v - mean[:, None]) ** 2) / (r_sum[..., None] + 10 * torch.finfo(F64).eps) + 1e-4
+    mean = torch.einsum("bij,bijd->bjd", r, v) / r_sum[..., None]
+    var = torch.einsum("bij,bijd->bjd", r, (v - mean[:, None]) ** 2) / r_sum[..., None] + 1e-4
     cost = ((bu[:, None] + 0.5 * torch.log(var)) * r_sum[..., None] / (12 / 4)).sum(-1)
     a_last = torch.sigmoid(inverse_temperature_schedule(3)[-1] * (ba - cost))
     expected = torch.autograd.grad(mean.sum() + a_last.sum(), copies)
@@ -270,11 +270,12 @@ GOOD = random_inputs(b=2, i=5, j=3, d=4, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"votes": torch.zeros(2, 5, 3)}, r"votes of shape \(batch, children, parents, pose components\), none of them empty, got \(2, 5, 3\)"),
-    ({"votes": torch.zeros(2, 0, 3, 4)}, r"none of them empty, got \(2, 0, 3, 4\)"),
+    ({"votes": torch.zeros(2, 5, 3)}, r"votes of shape \(batch, children, parents, pose components\), none but the batch empty, got \(2, 5, 3\)"),
+    ({"votes": torch.zeros(2, 0, 3, 4)}, r"none but the batch empty, got \(2, 0, 3, 4\)"),
     ({"votes": torch.zeros(2, 5, 3, 4, dtype=torch.long)}, "floating-point votes, got torch.int64"),
     ({"a_in": torch.rand(2, 4)}, r"a_in of shape \(batch, children\) = \(2, 5\), got \(2, 4\)"),
-    ({"a_in": torch.rand(2, 5, dtype=F64)}, "a_in as torch.float32 on cpu like the votes, got torch.float64 on cpu"),
+    ({"a_in": torch.ones(2, 5, dtype=torch.long)}, "floating-point child activations a_in on cpu like the votes, got torch.int64 on cpu"),
+    ({"a_in": torch.rand(2, 5, device="meta")}, "a_in on cpu like the votes, got torch.float32 on meta"),
     ({"a_in": torch.full((2, 5), 1.5)}, r"a_in in \[0, 1\], got values from 1.5 to 1.5"),
     ({"a_in": torch.full((2, 5), float("nan"))}, r"a_in in \[0, 1\]"),
     ({"beta_u": torch.zeros(4)}, r"beta_u with one value per parent, broadcastable to \(3,\), got shape \(4,\)"),
@@ -286,6 +287,7 @@ GOOD = random_inputs(b=2, i=5, j=3, d=4, dtype=torch.float32)
     ({"cost_normalization": "standardize"}, r"cost_normalization in \('children_per_parent', 'none'\), got 'standardize'"),
     ({"variance_floor": 0.0}, "positive variance_floor, got 0.0"),
     ({"initial_assignments": torch.full((2, 5, 2), 0.5)}, r"initial_assignments of shape \(batch, children, parents\) = \(2, 5, 3\)"),
+    ({"initial_assignments": torch.ones(2, 5, 3, dtype=torch.long)}, r"floating-point initial_assignments"),
     ({"initial_assignments": torch.full((2, 5, 3), 0.5)}, "summing to 1 over the parents"),
 ])
 def test_em_routing_rejects_bad_inputs(change, message):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -35,9 +36,9 @@ def test_pretrained_returns_the_exported_model_in_eval_mode_with_float16_rounded
 def test_export_records_sha256_config_recipe_and_metrics_in_json_beside_the_weights(exported):
     model, folder = exported
     record = json.loads((folder / "capsnet.json").read_text())
-    assert record["file"] == "capsnet.pt" and record["dtype"] == "float16"
-    assert record["sha256"] == checkpoints.sha256_of(folder / "capsnet.pt")
-    assert record["bytes"] == (folder / "capsnet.pt").stat().st_size
+    assert record["file"] == "capsnet.safetensors" and record["dtype"] == "float16"
+    assert record["sha256"] == hashlib.sha256((folder / "capsnet.safetensors").read_bytes()).hexdigest()
+    assert record["bytes"] == (folder / "capsnet.safetensors").stat().st_size
     assert record["config"] == model.config and record["recipe"] == RECIPE
     assert record["metrics"] == {"test_accuracy": 0.5}
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
@@ -46,21 +47,21 @@ def test_export_records_sha256_config_recipe_and_metrics_in_json_beside_the_weig
 
 def test_changed_weights_fail_the_sha256_check(exported):
     _, folder = exported
-    data = bytearray((folder / "capsnet.pt").read_bytes())
+    data = bytearray((folder / "capsnet.safetensors").read_bytes())
     data[-100] ^= 0xFF
-    (folder / "capsnet.pt").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="capsnet.pt is corrupt or was changed: its sha256 is"):
+    (folder / "capsnet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="capsnet.safetensors is corrupt or was changed: its sha256 is"):
         pretrained("capsnet", weights_dir=folder)
 
 
 def test_truncated_weights_with_a_matching_record_still_raise_clearly(exported):
     _, folder = exported
-    path = folder / "capsnet.pt"
+    path = folder / "capsnet.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     record = json.loads((folder / "capsnet.json").read_text())
-    record["sha256"] = checkpoints.sha256_of(path)
+    record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (folder / "capsnet.json").write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="capsnet.pt is truncated or corrupt"):
+    with pytest.raises(ValueError, match="capsnet.safetensors is truncated or corrupt"):
         pretrained("capsnet", weights_dir=folder)
 
 
@@ -71,8 +72,8 @@ def test_missing_weights_raise_file_not_found_saying_how_to_make_them(tmp_path):
 
 def test_a_record_without_its_weights_file_raises_file_not_found(exported):
     _, folder = exported
-    (folder / "capsnet.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="weights file .*capsnet.pt not found"):
+    (folder / "capsnet.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="weights file .*capsnet.safetensors not found"):
         pretrained("capsnet", weights_dir=folder)
 
 
@@ -108,11 +109,42 @@ def test_an_exported_matrix_capsnet_comes_back_with_the_same_predictions(tmp_pat
                                rtol=1e-2, atol=2e-3)
 
 
+@pytest.fixture(scope="module")
+def sample_test():
+    test = load_sample("test")
+    return to_float(test.images), test.labels
+
+
+def _accuracy(model, images, labels) -> float:
+    return (model.predict(images) == labels).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def float32_accuracy(sample_test):
+    """The accuracy of a shipped model on the sample's test split, measured once per model."""
+    measured = {}
+
+    def accuracy(name: str) -> float:
+        if name not in measured:
+            measured[name] = _accuracy(pretrained(name), *sample_test)
+        return measured[name]
+    return accuracy
+
+
 @pytest.mark.skipif(not (WEIGHTS_DIR / "matrix.json").is_file(), reason="no shipped weights yet")
-def test_shipped_matrix_capsnet_passes_its_integrity_check_and_classifies_the_sample():
+def test_shipped_matrix_capsnet_passes_its_integrity_check_and_classifies_the_sample(
+        float32_accuracy):
     model = pretrained("matrix")
     assert model.config["A"] == 64 and model.config["B"] == 8
     assert sum(p.numel() for p in model.parameters()) == 68_444
-    test = load_sample("test")
-    accuracy = (model.predict(to_float(test.images)) == test.labels).float().mean().item()
+    accuracy = float32_accuracy("matrix")
     assert accuracy >= 0.97, f"shipped matrix capsules classify the sample at {accuracy:.2%}"
+
+
+@pytest.mark.parametrize("name", ["capsnet", "matrix"])
+def test_shipped_models_under_cpu_bfloat16_autocast_lose_at_most_half_a_point(
+        sample_test, float32_accuracy, name):
+    full = float32_accuracy(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _accuracy(pretrained(name), *sample_test)
+    assert abs(mixed - full) <= 0.005, f"{name}: float32 {full:.2%}, bfloat16 autocast {mixed:.2%}"
