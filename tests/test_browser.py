@@ -1,82 +1,38 @@
 """Chapter 06's pose explorer in a real browser: the built page, a headless Chromium, the keyboard.
 
-Opens ``notebooks/06_pose_parameters.html`` of the built book over ``file://`` (the folder is
-``$CAPSUTIL_BOOK_HTML``, by default ``_build/html`` in the repository) in Chromium driven by
-selenium, with every network name unresolvable, moves sliders and checks the canvas against
-PyTorch's decoder run on the weights the page carries. When the page has not been built or
-Chromium, chromedriver or selenium is missing it skips, saying why, or fails instead where
-``CAPSUTIL_REQUIRE_BROWSER=1`` (as in CI); it installs nothing.
+Opens ``notebooks/06_pose_parameters.html`` of the built book (see ``browser_support``), moves
+sliders and checks the canvas against PyTorch's decoder run on the weights the page carries.
 """
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from browser_support import built_page, chromium
 from capsutil import explorer
 
-ROOT = Path(__file__).resolve().parents[1]
-BOOK_HTML = Path(os.environ.get("CAPSUTIL_BOOK_HTML", ROOT / "_build" / "html"))
-PAGE = BOOK_HTML / "notebooks" / "06_pose_parameters.html"
 EXPLORER = "pose-explorer"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1280,1000"]
 TOLERANCE = 2                                    # grey levels out of 255
-REQUIRED = os.environ.get("CAPSUTIL_REQUIRE_BROWSER", "").strip().lower() in {"1", "true", "yes"}
-
-
-def unavailable(reason: str) -> None:
-    """Skip with ``reason``, or fail with it where the browser test is required."""
-    if REQUIRED:
-        pytest.fail(f"CAPSUTIL_REQUIRE_BROWSER is set, but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def _executable(*names: str) -> str | None:
-    return next((path for path in map(shutil.which, names) if path), None)
 
 
 @pytest.fixture(scope="module")
-def page_payload():
-    if not PAGE.is_file():
-        unavailable(f"{PAGE} not found: build the book first (jupyter-book build .) with "
-                    f"chapter 06 in _toc.yml, or set CAPSUTIL_BOOK_HTML to a built book's "
-                    f"_build/html")
-    return explorer.read_payload(PAGE.read_text(encoding="utf-8"), EXPLORER)
+def page():
+    return built_page("notebooks/06_pose_parameters.html")
 
 
 @pytest.fixture(scope="module")
-def browser(page_payload):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.support.ui import WebDriverWait
-    except ImportError:
-        unavailable("selenium is not installed (pip install selenium)")
+def page_payload(page):
+    return explorer.read_payload(page.read_text(encoding="utf-8"), EXPLORER)
 
-    chromium = _executable("chromium", "chromium-browser", "google-chrome")
-    driver_path = _executable("chromedriver")
-    if chromium is None or driver_path is None:
-        unavailable("no Chromium with chromedriver on this machine "
-                    "(Debian: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    with tempfile.TemporaryDirectory(prefix="capsutil-chromium-") as profile:
-        for flag in FLAGS + [f"--user-data-dir={profile}"]:
-            options.add_argument(flag)
-        driver = webdriver.Chrome(options=options, service=Service(driver_path))
-        try:
-            driver.set_page_load_timeout(20)
-            driver.get(PAGE.as_uri())
-            WebDriverWait(driver, 10).until(
-                lambda d: d.find_element("id", EXPLORER).get_attribute("data-ready"))
-            yield driver
-        finally:
-            driver.quit()
+
+@pytest.fixture(scope="module")
+def browser(page, page_payload):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        driver.get(page.as_uri())
+        WebDriverWait(driver, 10).until(
+            lambda d: d.find_element("id", EXPLORER).get_attribute("data-ready"))
+        yield driver
 
 
 def canvas_grey(driver) -> np.ndarray:
