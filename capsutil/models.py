@@ -7,6 +7,7 @@ constructor arguments in ``model.config`` and can be rebuilt with ``build_model(
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -294,8 +295,17 @@ def _entry(name: str) -> Entry:
 
 
 def build_model(name: str, **config) -> nn.Module:
-    """A fresh model registered as ``name``, with constructor arguments ``config``."""
-    return _entry(name).model(**config)
+    """A fresh model registered as ``name``, with constructor arguments ``config``.
+
+    An argument the model does not take raises ``ValueError`` naming the ones it does.
+    """
+    model = _entry(name).model
+    accepted = inspect.signature(model).parameters
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(accepted)}")
+    return model(**config)
 
 
 def build_loss(name: str) -> nn.Module:

@@ -23,6 +23,7 @@ Command line (a long run can go in the background and be resumed)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -428,35 +429,75 @@ def export_run(model: nn.Module, history: History, recipe: dict, test: Digits,
     return export(model, directory, recipe=recipe, metrics=metrics), score
 
 
+def _model_options(name: str) -> str:
+    """The constructor arguments of model ``name`` with their defaults, one per line."""
+    signature = inspect.signature(MODELS[name].model)
+    return "\n".join(f"  {parameter.name} = {parameter.default!r}"
+                     for parameter in signature.parameters.values()
+                     if parameter.default is not inspect.Parameter.empty)
+
+
+def _json_object(text: str) -> dict:
+    """``--config``'s value: a JSON object, or an error that says what was wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at character {err.pos}): "
+                                         f"{text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"A\": 64}}', "
+                                         f"got {text!r}")
+    return value
+
+
+def _training_options() -> argparse.ArgumentParser:
+    """The options every model's command shares (a parent parser, without help of its own)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--epochs", type=int, required=True, help="epochs to train in all")
+    options.add_argument("--run-dir", required=True, help="where checkpoint.pt and best.pt go")
+    options.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
+    options.add_argument("--config", type=_json_object, default={}, metavar="JSON",
+                         help="model constructor arguments (listed below), as a JSON object")
+    options.add_argument("--resume", action="store_true", help="continue run-dir's checkpoint")
+    options.add_argument("--batch-size", type=int, default=128, help="images per step")
+    options.add_argument("--lr", type=float, default=1e-3, help="Adam's first learning rate")
+    options.add_argument("--lr-decay", type=float, default=0.9, help="factor per epoch")
+    options.add_argument("--val-size", type=int, default=None,
+                         help="training images held out for validation (default 1/12 of the "
+                              "training set: 5,000 of MNIST's 60,000); 0 for none")
+    options.add_argument("--val-every", type=int, default=None, metavar="STEPS",
+                         help="also validate every STEPS steps (always after each epoch)")
+    options.add_argument("--select", choices=("best", "last"), default="best",
+                         help="which weights --export ships: the best validation check or the "
+                              "last")
+    options.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                         help="also checkpoint every STEPS steps (always after each epoch)")
+    options.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    options.add_argument("--seed", type=int, default=0, help="seeds the order, shifts and weights")
+    options.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    options.add_argument("--eager", action="store_true", help="do not use torch.compile")
+    options.add_argument("--export", default=None, metavar="DIR",
+                         help="after training, export float16 weights and their JSON to DIR")
+    return options
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option, and the epilog's lines kept as written."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m capsutil.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a registered model on MNIST, choosing its weights on a validation "
-                    "split of the training set; the test set is scored once, at --export.")
-    parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--run-dir", required=True, help="where checkpoint.pt and best.pt go")
-    parser.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
-    parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
-                        help='model constructor arguments, e.g. \'{"A": 64, "B": 8}\'')
-    parser.add_argument("--resume", action="store_true", help="continue run-dir's checkpoint")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-decay", type=float, default=0.9, help="factor per epoch")
-    parser.add_argument("--val-size", type=int, default=None,
-                        help="training images held out for validation (default 1/12 of the "
-                             "training set: 5,000 of MNIST's 60,000); 0 for none")
-    parser.add_argument("--val-every", type=int, default=None, metavar="STEPS",
-                        help="also validate every STEPS steps (always after each epoch)")
-    parser.add_argument("--select", choices=("best", "last"), default="best",
-                        help="which weights --export ships: the best validation check or the last")
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--eager", action="store_true", help="do not use torch.compile")
-    parser.add_argument("--export", default=None, metavar="DIR",
-                        help="after training, export float16 weights and their JSON to DIR")
+        prog="python -m capsutil.train", formatter_class=_HelpFormatter,
+        description="Train a registered model on MNIST, choosing its weights on a validation\n"
+                    "split of the training set; the test set is scored once, at --export.\n"
+                    "`python -m capsutil.train MODEL --help` lists a model's options.")
+    models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
+    shared = _training_options()
+    for name in sorted(MODELS):
+        models.add_parser(name, parents=[shared], formatter_class=_HelpFormatter,
+                          help=f"train {name}", description=f"Train the {name} model.",
+                          epilog=f"--config keys of {name}, with their defaults:\n"
+                                 f"{_model_options(name)}")
     return parser
 
 

@@ -285,3 +285,27 @@ def test_command_line_builds_the_model_from_a_json_config_and_resumes_only_the_s
     error = capsys.readouterr().err
     assert "holds model 'matrix' with config" in error and "Traceback" not in error
     assert len(error.strip().splitlines()) == 1
+
+
+def test_each_model_has_its_own_help_with_its_options_and_defaults(capsys):
+    for name, key in (("capsnet", "routing_iterations = 3"), ("matrix", "iterations = ")):
+        with pytest.raises(SystemExit) as exit:
+            train.main([name, "--help"])
+        assert exit.value.code == 0
+        out = capsys.readouterr().out
+        assert f"python -m capsutil.train {name}" in out and key in out
+        assert "(default: 128)" in out and "(default: best)" in out
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{bad", "argument --config: not valid JSON"),
+    ("[1]", "argument --config: expected a JSON object"),
+    ('{"Z": 1}', "model 'capsnet' takes no argument 'Z'; it takes image_size"),
+])
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, config, message):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["capsnet", "--epochs", "1", "--run-dir", str(tmp_path / "run"),
+                    "--data-root", str(tmp_path / "no-data"), "--eager", "--config", config])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
