@@ -78,7 +78,7 @@ def sync(root: Path = ROOT) -> list[Path]:
         cells = [cell for cell in book["cells"]
                  if INSTALL_TAG not in cell.get("metadata", {}).get("tags", [])]
         first_code = next(i for i, cell in enumerate(cells) if cell["cell_type"] == "code")
-        cells.insert(first_code, _install_cell(source, f"{INSTALL_TAG}"))
+        cells.insert(first_code, _install_cell(source, INSTALL_TAG))
         book["cells"] = cells
         notebook.write_text(json.dumps(book, indent=1, ensure_ascii=False) + "\n")
         changed.append(notebook)
