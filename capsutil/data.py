@@ -226,8 +226,10 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None,
             reason = "the download gave no files"
     if digits is None:
         sample = load_sample(split)
-        print(f"capsutil.data: MNIST files not found in the data root and not downloaded "
-              f"({reason}); using the shipped sample ({len(sample):,} {split} images)")
+        print(f"capsutil.data: MNIST files not found in {path / 'MNIST' / 'raw'} and not "
+              f"downloaded ({reason}); using the shipped sample ({len(sample):,} {split} "
+              f"images). For all of MNIST, put the four official files there or set "
+              f"{DATA_ENV} to the folder that holds MNIST/raw.")
         return sample
     return digits
 
