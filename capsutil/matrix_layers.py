@@ -71,18 +71,19 @@ def windows(grid: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     return cut.reshape(b, cut.shape[1], cut.shape[2], kernel * kernel * types, e)
 
 
-def receptive_field_centres(size: int, layers: Sequence[tuple[int, int]],
+def receptive_field_centres(size: int, layers: Sequence[tuple[int, ...]],
                             image_size: int) -> torch.Tensor:
     """Scaled centres of the receptive fields of a grid's rows (or columns), (size,) in (0, 1).
 
-    ``layers`` lists the ``(kernel, stride)`` of every layer from the image up to the grid.
-    Position ``p`` of a layer sees the inputs ``stride * p ... stride * p + kernel - 1``, whose
-    centre is ``stride * p + (kernel - 1) / 2``; going down to the image gives a pixel
+    ``layers`` lists the ``(kernel, stride)`` or ``(kernel, stride, padding)`` of every layer
+    from the image up to the grid. Position ``p`` of a layer sees the inputs
+    ``stride * p - padding ... stride * p - padding + kernel - 1``, whose centre is
+    ``stride * p - padding + (kernel - 1) / 2``; going down to the image gives a pixel
     coordinate ``c``, scaled as ``(c + 0.5) / image_size`` (the centre of pixel c).
     """
     centres = torch.arange(size, dtype=torch.float64)
-    for kernel, stride in reversed(layers):
-        centres = stride * centres + (kernel - 1) / 2
+    for kernel, stride, *padding in reversed(layers):
+        centres = stride * centres - sum(padding) + (kernel - 1) / 2
     return ((centres + 0.5) / image_size).float()
 
 
@@ -130,6 +131,7 @@ class _RoutedCaps(nn.Module):
                  detach_intermediate: bool):
         super().__init__()
         self.iterations, self.detach_intermediate = iterations, detach_intermediate
+        self.inverse_temperatures = None          # None: em_routing's default schedule
         # A parent's pose starts as the mean of ``fan_in`` disagreeing votes, each entry a sum of
         # 4 products: W entries of variance fan_in / 4 keep the poses' scale from layer to layer
         # (like a fan-in initialisation), so the variances in the routing's cost, and with them
@@ -176,6 +178,7 @@ class _RoutedCaps(nn.Module):
     def _em_routing(self, votes: torch.Tensor, activations: torch.Tensor, return_assignments: bool):
         return em_routing(votes.transpose(1, 2), activations, self.beta_u, self.beta_a,
                           self.iterations, detach_intermediate=self.detach_intermediate,
+                          inverse_temperatures=self.inverse_temperatures,
                           return_assignments=return_assignments)
 
 

@@ -18,6 +18,7 @@ from capsutil.layers import Decoder, DigitCaps, PrimaryCaps, capsule_lengths
 from capsutil.losses import CapsNetLoss, SpreadLoss, check_labels
 from capsutil.matrix_layers import (ClassCaps, ConvCaps, PrimaryMatrixCaps, coordinate_offsets,
                                     receptive_field_centres)
+from capsutil.routing import schedule_ending_at
 
 
 @dataclass
@@ -199,9 +200,12 @@ class MatrixCapsNet(ImageClassifier):
     Hinton, Sabour & Frosst (2018), figure 1: Conv1 ``A`` kernels 5x5 stride 2 with ReLU;
     PrimaryCaps ``B`` types of 4x4 pose + activation (1x1); ConvCaps1 ``C`` types, K=3 stride 2;
     ConvCaps2 ``D`` types, K=3 stride 1; class capsules with transformation matrices shared
-    across positions and coordinate addition. On 28x28 images the grids are 12x12, 12x12, 5x5,
-    3x3. The paper's configuration is A=B=C=D=32 (318,964 parameters); the small one A=64, B=8,
-    C=D=16 (68,444). ``detach_intermediate=False`` (default) backpropagates through every
+    across positions and coordinate addition. ``conv1_padding`` pads Conv1's input: with 1, the
+    grids on 28x28 images are 13x13, 13x13, 6x6 and 4x4 and every pixel reaches the class
+    capsules; with 0 (the first networks of chapter 08) they are 12x12, 12x12, 5x5 and 3x3, and
+    ConvCaps1's windows (K=3, stride 2) never cover the last row and column of the primary
+    grid, so image rows and columns 25-27 reach no class capsule. The paper's configuration is
+    A=B=C=D=32 (318,964 parameters); the small one A=64, B=8, C=D=16 (68,444). ``detach_intermediate=False`` (default) backpropagates through every
     routing iteration: with the earlier iterations detached, as CapsNet's routing does,
     the network learns far more slowly (chapter 08 measures it). ``forward(images)`` takes float
     images (B, C, H, W) in [0, 1] and returns a :class:`MatrixCapsNetOutput` (labels are
@@ -212,32 +216,43 @@ class MatrixCapsNet(ImageClassifier):
     # Eager: with torch 2.13 on the CPU, the compiled capsule layers crashed in training
     # (glibc "free(): invalid size" at batch 64), and eager meets the speed targets.
     compiled_parts = ()
-    # (kernel, stride) of Conv1, PrimaryCaps, ConvCaps1 and ConvCaps2, from the image up.
-    geometry = ((5, 2), (1, 1), (3, 2), (3, 1))
-
     def __init__(self, A: int = 32, B: int = 32, C: int = 32, D: int = 32, iterations: int = 3,
                  image_size: int = 28, in_channels: int = 1, classes: int = 10,
-                 coordinate_addition: bool = True, detach_intermediate: bool = False):
+                 coordinate_addition: bool = True, detach_intermediate: bool = False,
+                 conv1_padding: int = 0, last_inverse_temperature: float | None = None):
         super().__init__()
         self.config = dict(A=A, B=B, C=C, D=D, iterations=iterations, image_size=image_size,
                            in_channels=in_channels, classes=classes,
                            coordinate_addition=coordinate_addition,
                            detach_intermediate=detach_intermediate)
+        # Recorded only when used, so that the records of older networks still match.
+        if conv1_padding:
+            self.config["conv1_padding"] = conv1_padding
+        if last_inverse_temperature is not None:
+            self.config["last_inverse_temperature"] = last_inverse_temperature
+        # (kernel, stride, padding) of Conv1, PrimaryCaps, ConvCaps1, ConvCaps2, image upwards.
+        self.geometry = ((5, 2, conv1_padding), (1, 1, 0), (3, 2, 0), (3, 1, 0))
         size = image_size
-        for kernel, stride in self.geometry:
-            size = (size - kernel) // stride + 1
+        for kernel, stride, padding in self.geometry:
+            size = (size + 2 * padding - kernel) // stride + 1
         if size < 1:
             raise ValueError(f"images of {image_size}x{image_size} are too small for "
-                             f"MatrixCapsNet's layers (at least 17x17)")
+                             f"MatrixCapsNet's layers with conv1_padding={conv1_padding}")
         self.image_size, self.in_channels = image_size, in_channels
-        (conv_kernel, conv_stride), _, (kernel1, stride1), (kernel2, stride2) = self.geometry
-        self.conv1 = nn.Conv2d(in_channels, A, kernel_size=conv_kernel, stride=conv_stride)
+        (conv_kernel, conv_stride, _), _, (kernel1, stride1, _), (kernel2, stride2, _) = \
+            self.geometry
+        self.conv1 = nn.Conv2d(in_channels, A, kernel_size=conv_kernel, stride=conv_stride,
+                               padding=conv1_padding)
         self.primary = PrimaryMatrixCaps(A, B)
         routing = dict(iterations=iterations, detach_intermediate=detach_intermediate)
         self.conv_caps1 = ConvCaps(B, C, kernel=kernel1, stride=stride1, **routing)
         self.conv_caps2 = ConvCaps(C, D, kernel=kernel2, stride=stride2, **routing)
         self.class_caps = ClassCaps(D, classes, positions=size * size, **routing)
-        centres = receptive_field_centres(size, self.geometry, image_size)   # (3,) on 28x28
+        if last_inverse_temperature is not None:
+            for layer in (self.conv_caps1, self.conv_caps2, self.class_caps):
+                layer.inverse_temperatures = schedule_ending_at(iterations,
+                                                                last_inverse_temperature)
+        centres = receptive_field_centres(size, self.geometry, image_size)   # (size,)
         offsets = coordinate_offsets(centres, centres, D) if coordinate_addition else None
         self.register_buffer("coordinate_offsets", offsets, persistent=False)   # (I, 16)
 
@@ -246,17 +261,18 @@ class MatrixCapsNet(ImageClassifier):
         """The outputs of every capsule layer for float images (B, C, H, W), from the bottom up.
 
         ``{"primary": ..., "conv_caps1": ..., "conv_caps2": ...}``, each (poses, activations)
-        on its grid, e.g. (B, 12, 12, B, 4, 4) and (B, 12, 12, B) for the primary capsules on
-        28x28 images, and ``"class_caps"``: (poses (B, K, 4, 4), activations (B, K)). With
+        on its grid, e.g. (B, 13, 13, B, 4, 4) and (B, 13, 13, B) for the primary capsules on
+        28x28 images with ``conv1_padding=1``, and ``"class_caps"``: (poses (B, K, 4, 4),
+        activations (B, K)). With
         ``return_assignments`` each routed layer's tuple also ends with its assignments, one
         tensor per routing iteration.
         """
         images = self.model_input(images)
-        x = torch.relu(self.conv1(images))                            # (B, A, 12, 12)
-        layers = {"primary": self.primary(x)}                         # on the 12x12 grid, B types
-        layers["conv_caps1"] = self.conv_caps1(*layers["primary"],    # 5x5 grid, C types
+        x = torch.relu(self.conv1(images))                  # (B, A, 13, 13); unpadded 12x12
+        layers = {"primary": self.primary(x)}                         # on Conv1's grid, B types
+        layers["conv_caps1"] = self.conv_caps1(*layers["primary"],    # 6x6 (5x5) grid, C types
                                                return_assignments=return_assignments)
-        layers["conv_caps2"] = self.conv_caps2(*layers["conv_caps1"][:2],   # 3x3 grid, D types
+        layers["conv_caps2"] = self.conv_caps2(*layers["conv_caps1"][:2],   # 4x4 (3x3), D types
                                                return_assignments=return_assignments)
         layers["class_caps"] = self.class_caps(*layers["conv_caps2"][:2], self.coordinate_offsets,
                                                return_assignments)

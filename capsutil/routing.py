@@ -125,8 +125,8 @@ LOG_2PI = math.log(2.0 * math.pi)
 # and it keeps ln(sigma) and 1 / sigma^2 finite when all the votes for a parent coincide.
 VARIANCE_FLOOR = 1e-4
 COST_NORMALIZATIONS = ("children_per_parent", "none")
-# The final inverse temperature of the default schedule, for each cost normalisation.
-FINAL_INVERSE_TEMPERATURE = {"children_per_parent": 1.0, "none": 0.01}
+# The limit of the default schedule's inverse temperatures, for each cost normalisation.
+INVERSE_TEMPERATURE_LIMIT = {"children_per_parent": 1.0, "none": 0.01}
 # A parent's weights r_ij / sum_i r_ij divide by at least this mass (10 float32 epsilons), so a
 # parent that receives (almost) nothing gets weights near 0, not 0 / 0, and bounded gradients.
 # Any parent with more mass is normalised exactly: its mean is not pulled towards 0. (An
@@ -135,24 +135,40 @@ FINAL_INVERSE_TEMPERATURE = {"children_per_parent": 1.0, "none": 0.01}
 EMPTY_PARENT_MASS = 10 * torch.finfo(torch.float32).eps
 
 
-def inverse_temperature_schedule(iterations: int, final: float = 1.0,
+def inverse_temperature_schedule(iterations: int, limit: float = 1.0,
                                  decay: float = 0.95) -> list[float]:
-    """Inverse temperatures ``lambda_t = final * (1 - decay^(t + 1))``, t = 0, ..., iterations - 1.
+    """Inverse temperatures ``lambda_t = limit * (1 - decay^(t + 1))``, t = 0, ..., iterations - 1.
 
-    The schedule the authors of EM routing gave in their answers on OpenReview (``final`` 0.01
+    The schedule the authors of EM routing gave in their answers on OpenReview (``limit`` 0.01
     for the paper's cost, ``decay`` 0.95), as used by Gritzman's implementation: it rises with
-    every iteration, e.g. 0.05, 0.0975, 0.1426 times ``final`` for three iterations.
+    every iteration, e.g. 0.05, 0.0975, 0.1426 times ``limit`` for three iterations. ``limit``
+    is the value it approaches and never reaches: after 2 iterations the last inverse
+    temperature is 0.0975 ``limit``, after 3 it is 0.1426 ``limit``, so changing the number of
+    iterations also changes the last temperature (see :func:`schedule_ending_at`).
     """
     _check_iterations(iterations)
-    if not (final > 0 and 0 < decay < 1):
-        raise ValueError(f"expected final > 0 and 0 < decay < 1, got final={final!r}, decay={decay!r}")
-    return [final * (1.0 - decay ** (t + 1)) for t in range(iterations)]
+    if not (limit > 0 and 0 < decay < 1):
+        raise ValueError(f"expected limit > 0 and 0 < decay < 1, got limit={limit!r}, "
+                         f"decay={decay!r}")
+    return [limit * (1.0 - decay ** (t + 1)) for t in range(iterations)]
+
+
+def schedule_ending_at(iterations: int, last: float, decay: float = 0.95) -> list[float]:
+    """The authors' schedule rescaled so that its last inverse temperature is ``last``.
+
+    Comparing 2 with 3 iterations at the same ``last`` separates the effect of the extra
+    iteration from that of the colder last step.
+    """
+    if not last > 0:
+        raise ValueError(f"expected a positive last inverse temperature, got {last!r}")
+    shape = inverse_temperature_schedule(iterations, 1.0, decay)
+    return [last * value / shape[-1] for value in shape]
 
 
 def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iterations: int = 3, *,
                inverse_temperatures: Sequence[float] | None = None,
                cost_normalization: str = "children_per_parent",
-               variance_floor: float = VARIANCE_FLOOR, detach_intermediate: bool = True,
+               variance_floor: float = VARIANCE_FLOOR, detach_intermediate: bool = False,
                initial_assignments: torch.Tensor | None = None,
                return_assignments: bool = False):
     """EM routing between matrix capsules (Hinton, Sabour & Frosst 2018, Procedure 1; chapter 07).
@@ -182,8 +198,8 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
             broadcastable to (J,).
         iterations: number of M-steps (the paper uses 3).
         inverse_temperatures: ``lambda_t`` for each iteration (non-negative). Default:
-            ``inverse_temperature_schedule(iterations, FINAL_INVERSE_TEMPERATURE[cost_normalization])``,
-            the authors' schedule; its final value 0.01 belongs to the paper's cost, and 1.0 to
+            ``inverse_temperature_schedule(iterations, INVERSE_TEMPERATURE_LIMIT[cost_normalization])``,
+            the authors' schedule; its limit 0.01 belongs to the paper's cost, and 1.0 to
             the cost normalised by the children per parent, which is the paper's cost times
             ``J / I`` (Gritzman's implementation uses 0.01 with the cost times ``100 J / I``:
             the same products ``lambda_t * cost``).
@@ -199,12 +215,13 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
             Public implementations differ here; some also standardise the cost over the parents.
         variance_floor: added to every variance (like scikit-learn's ``reg_covar``, chapter 02);
             must be positive.
-        detach_intermediate: if True (default), the iterations before the last run without
-            autograd, so the assignments ``R`` of the last M-step are constants for
-            backpropagation and gradients reach the votes, ``a_in``, ``beta_u`` and ``beta_a``
-            through that M-step only, as in ``dynamic_routing`` (chapter 04): routing decides
-            where votes go, learning shapes what they vote; and the loop keeps nothing for the
-            backward pass. False backpropagates through every iteration.
+        detach_intermediate: False (default) backpropagates through every iteration, as the
+            paper trains ("backpropagating through the unrolled iterations of EM"). True runs
+            the iterations before the last without autograd, so the assignments ``R`` of the
+            last M-step are constants for backpropagation and gradients reach the votes,
+            ``a_in``, ``beta_u`` and ``beta_a`` through that M-step only, as in
+            ``dynamic_routing`` (chapter 04), and the loop keeps nothing for the backward pass;
+            networks trained so in chapter 08 stayed at chance.
         initial_assignments: (B, I, J) starting ``R``, non-negative and summing to 1 over the
             parents; default ``1 / J`` as in the paper. (Chapter 07 starts elsewhere to compare
             with a Gaussian mixture: with votes equal for every parent, a uniform start gives all
@@ -249,7 +266,7 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u, beta_a, iteratio
                          f"got {cost_normalization!r}")
     if inverse_temperatures is None:
         inverse_temperatures = inverse_temperature_schedule(
-            iterations, FINAL_INVERSE_TEMPERATURE[cost_normalization])
+            iterations, INVERSE_TEMPERATURE_LIMIT[cost_normalization])
     lambdas = _check_inverse_temperatures(inverse_temperatures, iterations)
     if isinstance(variance_floor, bool) or not isinstance(variance_floor, (int, float)) \
             or not variance_floor > 0:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from capsutil import em
-from capsutil.routing import em_routing, inverse_temperature_schedule
+from capsutil.routing import em_routing, inverse_temperature_schedule, schedule_ending_at
 
 F64 = torch.float64
 
@@ -157,13 +157,13 @@ def test_outputs_and_gradients_are_finite_for_extreme_inputs(case, detach):
             assert torch.isfinite(t.grad).all()
 
 
-def test_default_outputs_and_gradients_are_finite_for_votes_up_to_1e15():
-    """Through all the iterations (detach_intermediate=False) gradients multiply squared
-    deviations by other gradients and overflow float32 beyond about 1e9; the default does not."""
+def test_detached_outputs_and_gradients_are_finite_for_votes_up_to_1e15():
+    """Through all the iterations (the default) gradients multiply squared deviations by other
+    gradients and overflow float32 beyond about 1e9; with the iterations detached they do not."""
     for scale in (1e12, 1e15):
         votes, a_in, beta_u, beta_a = random_inputs(b=4, i=18, j=5, d=16, dtype=torch.float32)
         inputs = [t.clone().requires_grad_(True) for t in (scale * votes, a_in, beta_u, beta_a)]
-        mu, a_out = em_routing(*inputs, 3)
+        mu, a_out = em_routing(*inputs, 3, detach_intermediate=True)
         (mu.square().mean() + a_out.sum()).backward()
         for t in (mu, a_out, *[x.grad for x in inputs]):
             assert torch.isfinite(t).all()
@@ -196,7 +196,8 @@ def test_gradients_through_all_iterations_match_finite_differences():
 def test_detached_intermediate_iterations_treat_assignments_as_constants():
     votes, a_in, beta_u, beta_a = random_inputs()
     inputs = [t.clone().requires_grad_(True) for t in (votes, a_in, beta_u, beta_a)]
-    mu, a_out, assignments = em_routing(*inputs, 3, return_assignments=True)
+    mu, a_out, assignments = em_routing(*inputs, 3, detach_intermediate=True,
+                                        return_assignments=True)
     grads = torch.autograd.grad(mu.sum() + a_out.sum(), inputs)
 
     frozen = assignments[-1].detach()                                         # (B, I, J)
@@ -248,7 +249,7 @@ def test_normalised_cost_is_the_paper_cost_divided_by_children_per_parent():
 
 def test_default_inverse_temperatures_rise_as_in_the_authors_schedule():
     assert inverse_temperature_schedule(3) == pytest.approx([0.05, 0.0975, 0.142625])
-    assert inverse_temperature_schedule(2, final=0.01) == pytest.approx([0.0005, 0.000975])
+    assert inverse_temperature_schedule(2, limit=0.01) == pytest.approx([0.0005, 0.000975])
     votes, a_in, beta_u, beta_a = random_inputs()
     for normalization, final in [("children_per_parent", 1.0), ("none", 0.01)]:
         default = em_routing(votes, a_in, beta_u, beta_a, 3, cost_normalization=normalization)
@@ -295,3 +296,25 @@ def test_em_routing_rejects_bad_inputs(change, message):
     args = dict(votes=votes, a_in=a_in, beta_u=beta_u, beta_a=beta_a, iterations=3) | change
     with pytest.raises(ValueError, match=message):
         em_routing(**args)
+
+
+def test_a_rescaled_schedule_ends_where_asked_and_keeps_the_authors_shape():
+    two, three = schedule_ending_at(2, 0.2), schedule_ending_at(3, 0.2)
+    assert two[-1] == pytest.approx(0.2) and three[-1] == pytest.approx(0.2)
+    authors = inverse_temperature_schedule(3)
+    assert [x / three[-1] for x in three] == pytest.approx([x / authors[-1] for x in authors])
+    with pytest.raises(ValueError, match="positive last"):
+        schedule_ending_at(2, 0.0)
+
+
+def test_em_routing_backpropagates_through_every_iteration_by_default():
+    torch.manual_seed(0)
+    votes = torch.randn(2, 12, 3, 16, requires_grad=True)
+    a_in, beta_u, beta_a = torch.rand(2, 12), torch.zeros(3), torch.zeros(3)
+    gradients = {}
+    for name, kwargs in [("default", {}), ("through", {"detach_intermediate": False}),
+                         ("detached", {"detach_intermediate": True})]:
+        mu, a_out = em_routing(votes, a_in, beta_u, beta_a, 3, **kwargs)
+        (gradients[name],) = torch.autograd.grad(mu.sum() + a_out.sum(), votes)
+    torch.testing.assert_close(gradients["default"], gradients["through"])
+    assert not torch.allclose(gradients["default"], gradients["detached"])

@@ -248,3 +248,38 @@ def test_routing_in_checkpointed_chunks_gives_the_outputs_and_gradients_of_one_c
     monkeypatch.setattr(matrix_layers, "ROUTING_CHUNK_BYTES", 5 * row_bytes)   # 18 rows: 4 chunks
     for expected, got in zip(whole, outputs_and_gradients()):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _pixels_reaching_the_class_capsules(model: MatrixCapsNet) -> torch.Tensor:
+    """(28, 28) bool: the pixels whose value changes the class activations (gradient != 0)."""
+    images = torch.rand(2, 1, 28, 28, requires_grad=True)
+    model(images).activations.sum().backward()
+    return (images.grad.abs().sum((0, 1)) > 0)
+
+
+def test_with_conv1_padding_every_pixel_reaches_the_class_capsules():
+    model = _seeded(dict(TINY, conv1_padding=1))
+    assert _pixels_reaching_the_class_capsules(model).all()
+    layers = model.capsule_layers(torch.rand(1, 1, 28, 28))
+    assert [layers[name][1].shape[1] for name in ("primary", "conv_caps1", "conv_caps2")] \
+        == [13, 6, 4]
+
+
+def test_without_padding_image_rows_and_columns_25_to_27_are_blind():
+    reached = _pixels_reaching_the_class_capsules(_seeded(TINY))
+    assert not reached[25:].any() and not reached[:, 25:].any()
+    assert reached[:25, :25].all()
+
+
+def test_receptive_field_centres_account_for_padding():
+    # Conv 5x5/2 padded by 1 -> centre 2p + 1; ConvCaps 3/2 -> 2q + 1; 3/1 -> r + 1: 4r + 7.
+    centres = receptive_field_centres(4, [(5, 2, 1), (1, 1, 0), (3, 2, 0), (3, 1, 0)], 28)
+    torch.testing.assert_close(centres, (torch.tensor([7.0, 11.0, 15.0, 19.0]) + 0.5) / 28)
+
+
+def test_last_inverse_temperature_sets_every_routed_layers_schedule():
+    model = _seeded(dict(TINY, iterations=3, last_inverse_temperature=0.5))
+    for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
+        assert layer.inverse_temperatures[-1] == pytest.approx(0.5)
+    assert model.config["last_inverse_temperature"] == 0.5
+    assert "last_inverse_temperature" not in _seeded(TINY).config
