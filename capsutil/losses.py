@@ -86,7 +86,9 @@ class CapsNetLoss(nn.Module):
     """Margin loss plus scaled reconstruction loss: the training objective of CapsNet.
 
     Called as ``loss(output, images, labels)`` with a :class:`capsutil.models.CapsNetOutput`;
-    :meth:`parts` returns both terms separately for plots.
+    :meth:`parts` returns both terms separately for plots. ``reconstruction_scale=0`` trains
+    without the reconstruction loss (the paper's Table 1 ablation). ``config`` holds the
+    constructor arguments (training records store it).
     """
 
     def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lambda_absent: float = 0.5,
@@ -94,6 +96,8 @@ class CapsNetLoss(nn.Module):
         super().__init__()
         self.m_plus, self.m_minus, self.lambda_absent = m_plus, m_minus, lambda_absent
         self.reconstruction_scale = reconstruction_scale
+        self.config = dict(m_plus=m_plus, m_minus=m_minus, lambda_absent=lambda_absent,
+                           reconstruction_scale=reconstruction_scale)
 
     def parts(self, output, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"margin": ..., "reconstruction": ...}``, each a scalar tensor."""
@@ -141,6 +145,8 @@ class SpreadLoss(nn.Module):
             raise ValueError(f"expected 0 <= margin_start <= margin_end and a positive integer "
                              f"ramp_steps, got {margin_start!r}, {margin_end!r}, {ramp_steps!r}")
         self.margin_start, self.margin_end, self.ramp_steps = margin_start, margin_end, ramp_steps
+        self.config = dict(margin_start=margin_start, margin_end=margin_end,
+                           ramp_steps=ramp_steps)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     @property

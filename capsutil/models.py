@@ -1,5 +1,5 @@
 """CapsNet (Sabour et al. 2017, chapter 05), matrix capsules (Hinton et al. 2018, chapter 08)
-and the registry of named models.
+and the registry of named models (these two and the CNN baselines of :mod:`capsutil.baselines`).
 
 The registry maps a name (``"capsnet"``) to the model class and its training loss, so training,
 checkpoints and pretrained weights work for any registered model: each model stores its
@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from capsutil.baselines import CapsNetBaseline, CrossEntropy, SmallBaseline
+from capsutil.classifier import ImageClassifier
 from capsutil.layers import Decoder, DigitCaps, PrimaryCaps, capsule_lengths
 from capsutil.losses import CapsNetLoss, SpreadLoss, check_labels
 from capsutil.matrix_layers import (ClassCaps, ConvCaps, PrimaryMatrixCaps, coordinate_offsets,
@@ -39,83 +41,6 @@ class CapsNetOutput:
     def predictions(self) -> torch.Tensor:
         """The predicted class of each image: the longest digit capsule, int64 (B,)."""
         return self.lengths.argmax(dim=1)
-
-
-def check_images(images: torch.Tensor, channels: int, size: int) -> None:
-    """Raise ``ValueError`` unless ``images`` is a float tensor of shape (N, channels, size, size)."""
-    expected = f"(N, {channels}, {size}, {size})"
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"expected images as a tensor of shape {expected}, got {type(images).__name__}")
-    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
-        got = "(" + ", ".join(["N", *map(str, images.shape[1:])][:images.dim()]) + ")"
-        raise ValueError(f"expected images of shape {expected}, got {got}")
-    if not images.is_floating_point():
-        raise ValueError(f"expected float images in [0, 1], got {images.dtype}; "
-                         f"convert with capsutil.data.to_float")
-
-
-def check_batch_size(batch_size: int) -> int:
-    """Raise ``ValueError`` unless ``batch_size`` is a positive integer; return it."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
-    return batch_size
-
-
-@torch.no_grad()
-def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
-                       prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
-    """Predicted classes, int64 (N,) on the CPU, of ``model`` in eval mode for ``images`` (N, ...).
-
-    Each chunk of ``batch_size`` images goes through ``prepare`` (e.g. uint8 -> float) and onto
-    the model's device; the model's training/eval mode is restored afterwards. No images give
-    an empty result.
-    """
-    check_batch_size(batch_size)
-    if len(images) == 0:
-        return torch.empty(0, dtype=torch.int64)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(prepare(chunk).to(device)).predictions.cpu()
-                          for chunk in images.split(batch_size)])                 # (N,)
-    finally:
-        model.train(was_training)
-
-
-def check_pixels(images: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless every pixel of the float ``images`` is finite and in [0, 1]."""
-    if not images.numel():
-        return
-    bad = int((~torch.isfinite(images)).sum())
-    if bad:
-        raise ValueError(f"expected finite pixel values in [0, 1], got {bad} NaN or infinite "
-                         f"values")
-    if float(images.min()) < 0 or float(images.max()) > 1:
-        raise ValueError(f"expected pixel values in [0, 1], got values from "
-                         f"{float(images.min()):g} to {float(images.max()):g}")
-
-
-class ImageClassifier(nn.Module):
-    """A model of images (B, ``in_channels``, ``image_size``, ``image_size``) whose output has
-    ``predictions`` (B,); it gains :meth:`predict`."""
-
-    in_channels: int
-    image_size: int
-
-    def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` checked (:func:`check_images`) and in the dtype of the model's weights, so
-        float64, float16 or bfloat16 images work with a float32 model (a no-op when they match)."""
-        check_images(images, self.in_channels, self.image_size)
-        return images.to(next(self.parameters()).dtype)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """Class indices, int64 (N,), for float images (N, C, H, W) in [0, 1] of any float dtype;
-        in eval mode. No images give an empty result; NaN or infinite pixels raise."""
-        check_images(images, self.in_channels, self.image_size)
-        check_pixels(images)
-        return predict_in_batches(self, images, batch_size).to(images.device)
 
 
 class CapsNet(ImageClassifier):
@@ -297,11 +222,13 @@ class Entry:
     """A registered model: its class and the loss it is trained with."""
 
     model: Callable[..., nn.Module]
-    loss: Callable[[], nn.Module]
+    loss: Callable[..., nn.Module]
 
 
 MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss),
-                           "matrix": Entry(MatrixCapsNet, SpreadLoss)}
+                           "matrix": Entry(MatrixCapsNet, SpreadLoss),
+                           "cnn_capsnet": Entry(CapsNetBaseline, CrossEntropy),
+                           "cnn_small": Entry(SmallBaseline, CrossEntropy)}
 
 
 def _entry(name: str) -> Entry:
@@ -310,23 +237,29 @@ def _entry(name: str) -> Entry:
     return MODELS[name]
 
 
+def _construct(factory: Callable[..., nn.Module], arguments: dict, what: str) -> nn.Module:
+    """``factory(**arguments)``, after checking that it takes every argument given."""
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(arguments) - set(accepted))
+    if unknown:
+        raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(accepted) or 'none'}")
+    return factory(**arguments)
+
+
 def build_model(name: str, **config) -> nn.Module:
     """A fresh model registered as ``name``, with constructor arguments ``config``.
 
     An argument the model does not take raises ``ValueError`` naming the ones it does.
     """
-    model = _entry(name).model
-    accepted = inspect.signature(model).parameters
-    unknown = sorted(set(config) - set(accepted))
-    if unknown:
-        raise ValueError(f"model {name!r} takes no argument {', '.join(map(repr, unknown))}; "
-                         f"it takes {', '.join(accepted)}")
-    return model(**config)
+    return _construct(_entry(name).model, config, f"model {name!r}")
 
 
-def build_loss(name: str) -> nn.Module:
-    """The training loss of the model registered as ``name``."""
-    return _entry(name).loss()
+def build_loss(name: str, **options) -> nn.Module:
+    """The training loss of the model registered as ``name``, with constructor ``options``
+    (e.g. ``reconstruction_scale=0`` for CapsNet). An option the loss does not take raises
+    ``ValueError`` naming the ones it does."""
+    return _construct(_entry(name).loss, options, f"the loss of {name!r}")
 
 
 def count_parameters(module: nn.Module) -> int:

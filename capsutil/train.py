@@ -40,12 +40,16 @@ from capsutil import runtime
 from capsutil.checkpoints import (WEIGHTS_SUFFIX, RunDirectoryInUse, claimed_run_directory,
                                   export, load_checkpoint, rebuild, save_checkpoint)
 from capsutil.data import Digits, load_mnist, random_shift, split_validation, to_float
-from capsutil.models import MODELS, build_loss, build_model, predict_in_batches
+from capsutil.classifier import predict_in_batches
+from capsutil.matrix_init import active_fractions, calibrate_half_active
+from capsutil.models import MODELS, build_loss, build_model
 from capsutil.stats import Accuracy
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size", "val_size")
+HALF_ACTIVE_IMAGES = 256              # training images the half-active start is calibrated on
+RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size", "val_size",
+               "loss")
 
 
 @dataclass
@@ -144,8 +148,8 @@ def _check_resumable(checkpoint: dict, path: Path, model: nn.Module, recipe: dic
     if checkpoint["model"] != name or checkpoint["config"] != getattr(model, "config", None):
         raise ValueError(f"checkpoint {path} holds model {checkpoint['model']!r} with config "
                          f"{checkpoint['config']}, not {name!r} with {getattr(model, 'config', None)}")
-    differ = [f"{k}: checkpoint {checkpoint['recipe'][k]!r}, now {recipe[k]!r}"
-              for k in RECIPE_KEYS if checkpoint["recipe"][k] != recipe[k]]
+    differ = [f"{k}: checkpoint {checkpoint['recipe'].get(k)!r}, now {recipe[k]!r}"
+              for k in RECIPE_KEYS if checkpoint["recipe"].get(k) != recipe[k]]
     if differ:
         raise ValueError(f"cannot resume {path} with a different recipe ({'; '.join(differ)})")
 
@@ -259,7 +263,7 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
                               f"or choose another run_dir")
     recipe = dict(batch_size=batch_size, lr=lr, lr_decay=lr_decay, max_shift=max_shift,
                   seed=seed, train_size=len(train), val_size=len(val) if val is not None else 0,
-                  epochs=epochs, data=train.source)
+                  epochs=epochs, data=train.source, loss=dict(getattr(loss_fn, "config", {})))
     optimizer = adam(model, lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -458,6 +462,12 @@ def _training_options() -> argparse.ArgumentParser:
     options.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
     options.add_argument("--config", type=_json_object, default={}, metavar="JSON",
                          help="model constructor arguments (listed below), as a JSON object")
+    options.add_argument("--loss", type=_json_object, default={}, metavar="JSON",
+                         help="options of the model's loss, as a JSON object, e.g. "
+                              "'{\"reconstruction_scale\": 0}' for capsnet")
+    options.add_argument("--init", choices=("default", "half-active"), default="default",
+                         help="matrix only: half-active rescales each routed layer so that "
+                              "about half its capsules start active (capsutil.matrix_init)")
     options.add_argument("--resume", action="store_true", help="continue run-dir's checkpoint")
     options.add_argument("--batch-size", type=int, default=128, help="images per step")
     options.add_argument("--lr", type=float, default=1e-3, help="Adam's first learning rate")
@@ -512,6 +522,18 @@ def main(argv: list[str] | None = None) -> History:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
+def _start_half_active(model: nn.Module, train: Digits, device: torch.device) -> None:
+    """Calibrate a matrix capsule network on the first images of ``train`` (see
+    :func:`capsutil.matrix_init.calibrate_half_active`) and print the shares of active capsules."""
+    if model.model_name != "matrix":
+        raise ValueError(f"--init half-active is for the matrix model, not {model.model_name!r}")
+    images = to_float(train.images[:HALF_ACTIVE_IMAGES]).to(device)
+    calibrate_half_active(model, images)
+    shares = ", ".join(f"{name} {share:.0%}"
+                       for name, share in active_fractions(model, images).items())
+    print(f"half-active start: active capsules {shares}")
+
+
 def _train_and_export(args: argparse.Namespace) -> History:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -520,7 +542,9 @@ def _train_and_export(args: argparse.Namespace) -> History:
     split = split_validation(official, args.val_size) if args.val_size != 0 else None
     train, val = (split.train, split.val) if split is not None else (official, None)
     model = build_model(args.model, **args.config).to(device)
-    loss_fn = build_loss(args.model).to(device)
+    loss_fn = build_loss(args.model, **args.loss).to(device)
+    if args.init == "half-active" and not args.resume:
+        _start_half_active(model, train, device)
     history = fit(model, loss_fn, train, val, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, run_dir=args.run_dir,
                   checkpoint_every=args.checkpoint_every, resume=args.resume,
@@ -535,7 +559,7 @@ def _train_and_export(args: argparse.Namespace) -> History:
     if args.export is not None:
         selected = load_selected(model, args.run_dir, args.select)
         json_path, score = export_run(
-            model, history, checkpoint["recipe"], test, args.export,
+            model, history, dict(checkpoint["recipe"], init=args.init), test, args.export,
             trained_on=runtime.describe_device(device), selected=selected,
             split=split.record() if split is not None else None)
         print(f"selected: {args.select} weights, epoch {selected['epoch']:g}; "

@@ -309,3 +309,41 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, config, message):
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_the_loss_options_are_part_of_the_recipe_and_a_changed_loss_is_not_resumed(sample,
+                                                                                   tmp_path):
+    digits = _spread(sample, 64)
+    train.fit(_tiny(), CapsNetLoss(reconstruction_scale=0.0), digits, epochs=1, batch_size=16,
+              run_dir=tmp_path, max_steps=1, progress=False)
+    recipe = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")["recipe"]
+    assert recipe["loss"]["reconstruction_scale"] == 0.0
+    with pytest.raises(ValueError, match="loss: checkpoint"):
+        train.fit(_tiny(), CapsNetLoss(), digits, epochs=1, batch_size=16, run_dir=tmp_path,
+                  resume=True, progress=False)
+
+
+def test_command_line_passes_loss_options_and_refuses_unknown_ones(tmp_path, capsys):
+    args = ["capsnet", "--epochs", "1", "--batch-size", "4", "--data-root",
+            str(tmp_path / "no-data"), "--eager", "--max-steps", "1"]
+    train.main(args + ["--run-dir", str(tmp_path / "a"), "--loss",
+                       '{"reconstruction_scale": 0}'])
+    recipe = checkpoints.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["recipe"]
+    assert recipe["loss"]["reconstruction_scale"] == 0
+    capsys.readouterr()
+    for extra, message in ((["--loss", '{"scale": 1}'], "takes no argument 'scale'"),
+                           (["--init", "half-active"], "is for the matrix model")):
+        with pytest.raises(SystemExit) as exit:
+            train.main(args + ["--run-dir", str(tmp_path / "b")] + extra)
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_command_line_half_active_start_prints_the_shares_of_active_capsules(tmp_path, capsys):
+    train.main(["matrix", "--epochs", "1", "--batch-size", "4", "--run-dir",
+                str(tmp_path / "run"), "--data-root", str(tmp_path / "no-data"), "--eager",
+                "--max-steps", "1", "--init", "half-active", "--config",
+                '{"A": 8, "B": 4, "C": 4, "D": 4, "iterations": 2, "conv1_padding": 1}'])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("half-active"))
+    shares = [int(part.split()[-1].rstrip("%")) for part in line.split(": ", 1)[1].split(", ")]
+    assert len(shares) == 4 and all(30 <= share <= 70 for share in shares[1:])
