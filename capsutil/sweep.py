@@ -1,0 +1,160 @@
+"""Families of training runs fixed in advance, run one after another and recorded (Part IV and
+chapter 08's training choices).
+
+A sweep is a list of :class:`Run`: a registered model with its config, its loss options, a seed,
+and the recipe of :func:`capsutil.train.fit`. Every run trains on the 55,000 / 5,000 split of the
+MNIST training set (``data="expanded"``: the same digits centred in 40x40 frames and shifted by
+up to 6 pixels, which is expanded MNIST drawn on the fly) and is scored on the validation images
+only; the test set is never touched here. Each run keeps its checkpoints in its own folder, so an
+interrupted sweep resumes where it stopped, and its history goes into one JSON record::
+
+    python -m capsutil.sweep capsnet-routing --runs-dir runs/sweeps --out record.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from capsutil import runtime
+from capsutil.affine_mnist import centre
+from capsutil.checkpoints import load_checkpoint
+from capsutil.data import Digits, load_mnist, split_validation, to_float
+from capsutil.matrix_init import calibrate_half_active
+from capsutil.models import build_loss, build_model
+from capsutil.train import CHECKPOINT_NAME, HALF_ACTIVE_IMAGES, fit
+
+EXPANDED_SHIFT = 6                   # expanded MNIST: the official code's --shift=6 --pad=6
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a sweep; ``name`` names its folder and its entry in the record."""
+
+    name: str
+    model: str
+    config: dict = field(default_factory=dict)
+    loss: dict = field(default_factory=dict)
+    init: str = "default"                    # "half-active": capsutil.matrix_init (matrix only)
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 0.9
+    data: str = "mnist"                      # or "expanded"
+
+
+def _seeds(name: str, seeds=(0, 1, 2), **settings) -> list[Run]:
+    return [Run(f"{name}-seed{seed}", seed=seed, **settings) for seed in seeds]
+
+
+SMALL_MATRIX = dict(A=64, B=8, C=16, D=16, iterations=2, conv1_padding=1)
+MATRIX_RECIPE = dict(model="matrix", batch_size=64, lr=0.01, lr_decay=0.8)
+
+
+def _matrix_choices() -> list[Run]:
+    """Chapter 08's training choices, one change at a time from the repaired network, 3 seeds,
+    one epoch each; the two iteration counts end at the same inverse temperature."""
+    base = dict(MATRIX_RECIPE, config=dict(SMALL_MATRIX, last_inverse_temperature=0.1),
+                init="half-active")
+    changes = {"base": {},
+               "3-iterations": dict(config=dict(base["config"], iterations=3)),
+               "detached": dict(config=dict(base["config"], detach_intermediate=True)),
+               "fan-in-start": dict(init="default"),
+               "no-coordinate-addition": dict(config=dict(base["config"],
+                                                          coordinate_addition=False))}
+    return [run for name, change in changes.items() for run in _seeds(name, **{**base, **change})]
+
+
+def _capsnet_routing() -> list[Run]:
+    """The paper's Table 1 in small: 1 (uniform couplings) or 3 routing iterations, with and
+    without the reconstruction loss, 3 seeds, 3 epochs of the shipped recipe each."""
+    runs = []
+    for iterations in (1, 3):
+        for scale, label in ((0.0005, "reconstruction"), (0.0, "no-reconstruction")):
+            runs += _seeds(f"routing{iterations}-{label}", model="capsnet", epochs=3,
+                           config=dict(routing_iterations=iterations),
+                           loss=dict(reconstruction_scale=scale))
+    return runs
+
+
+SWEEPS = {
+    "matrix-choices": _matrix_choices,
+    "capsnet-routing": _capsnet_routing,
+    "baselines": lambda: [Run("cnn_capsnet", "cnn_capsnet", epochs=20),
+                          Run("cnn_small", "cnn_small", epochs=20, batch_size=64, lr=0.01,
+                              lr_decay=0.8)],
+    "expanded": lambda: [Run("capsnet-expanded", "capsnet", dict(image_size=40), epochs=10,
+                             data="expanded"),
+                         Run("cnn_capsnet-expanded", "cnn_capsnet", dict(image_size=40),
+                             epochs=10, data="expanded")],
+}
+
+
+def training_data(kind: str, root: str | None) -> tuple[Digits, Digits, int]:
+    """(train, validation, max_shift) of ``kind``: "mnist" (28x28, shifts of 2 pixels) or
+    "expanded" (40x40 frames, shifts of up to 6 pixels: expanded MNIST)."""
+    split = split_validation(load_mnist("train", root))
+    if kind == "mnist":
+        return split.train, split.val, 2
+    if kind == "expanded":
+        return centre(split.train), centre(split.val), EXPANDED_SHIFT
+    raise ValueError(f"expected data 'mnist' or 'expanded', got {kind!r}")
+
+
+def train_run(run: Run, runs_dir: Path, root: str | None, device: torch.device) -> dict:
+    """Train ``run`` (resuming its folder when it holds a checkpoint) and return its record:
+    the run's settings, its history and the best validation check."""
+    train, val, max_shift = training_data(run.data, root)
+    runtime.seed_everything(run.seed)
+    model = build_model(run.model, **run.config).to(device)
+    run_dir = runs_dir / run.name
+    resume = (run_dir / CHECKPOINT_NAME).is_file()
+    if run.init == "half-active" and not resume:
+        calibrate_half_active(model, to_float(train.images[:HALF_ACTIVE_IMAGES]).to(device))
+    started = time.perf_counter()
+    history = fit(model, build_loss(run.model, **run.loss).to(device), train, val,
+                  epochs=run.epochs, batch_size=run.batch_size, lr=run.lr,
+                  lr_decay=run.lr_decay, max_shift=max_shift, seed=run.seed, run_dir=run_dir,
+                  resume=resume, progress=False)
+    step, accuracy = history.best()
+    return dict(asdict(run), history=asdict(history), best_step=step,
+                best_val_accuracy=accuracy, device=runtime.describe_device(device),
+                seconds_this_call=round(time.perf_counter() - started, 1))
+
+
+def finished(run: Run, runs_dir: Path) -> bool:
+    """True when the run's folder holds a checkpoint of all its epochs."""
+    path = runs_dir / run.name / CHECKPOINT_NAME
+    return path.is_file() and load_checkpoint(path)["epoch"] >= run.epochs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m capsutil.sweep",
+                                     description="Run a sweep of training runs fixed in advance.")
+    parser.add_argument("sweep", choices=sorted(SWEEPS))
+    parser.add_argument("--runs-dir", required=True, help="one folder per run goes here")
+    parser.add_argument("--out", required=True, help="the JSON record of the sweep")
+    parser.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
+    args = parser.parse_args(argv)
+    device = runtime.pick_device()
+    out, record = Path(args.out), {"sweep": args.sweep, "runs": {}}
+    if out.is_file():
+        record = json.loads(out.read_text())
+    for run in SWEEPS[args.sweep]():
+        if run.name in record["runs"] and finished(run, Path(args.runs_dir)):
+            continue
+        record["runs"][run.name] = train_run(run, Path(args.runs_dir), args.data_root, device)
+        out.write_text(json.dumps(record, indent=1))
+        print(f"{run.name}: best validation accuracy "
+              f"{record['runs'][run.name]['best_val_accuracy']:.2%}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from capsutil import sweep
+from capsutil.sweep import Run
+
+TINY_CAPSNET = dict(conv_channels=8, primary_maps=4, primary_dims=4, digit_dims=4,
+                    decoder_hidden=[16, 16])
+
+
+@pytest.fixture
+def tiny_sweep(monkeypatch):
+    runs = [Run("capsnet-tiny", "capsnet", TINY_CAPSNET, epochs=1, batch_size=256),
+            Run("cnn-small", "cnn_small", epochs=1, batch_size=256, lr=3e-3)]
+    monkeypatch.setitem(sweep.SWEEPS, "tiny", lambda: runs)
+    return runs
+
+
+def test_a_sweep_records_every_run_with_its_best_validation_check(tiny_sweep, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))   # the shipped sample
+    out = tmp_path / "record.json"
+    record = sweep.main(["tiny", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    assert json.loads(out.read_text()) == record
+    assert list(record["runs"]) == ["capsnet-tiny", "cnn-small"]
+    for entry in record["runs"].values():
+        history = entry["history"]
+        assert entry["best_val_accuracy"] == max(history["val_check"])
+        assert history["epoch"] == [1] and entry["seed"] == 0
+
+
+def test_a_finished_run_is_not_trained_again(tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
+    args = ["tiny", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")]
+    first = sweep.main(args)
+
+    def refuse(*_, **__):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep, "train_run", refuse)
+    assert sweep.main(args) == first
+
+
+def test_expanded_mnist_is_the_digits_centred_in_40_pixels_with_shifts_of_6(tmp_path):
+    train, val, max_shift = sweep.training_data("expanded", str(tmp_path / "no-data"))
+    assert train.images.shape[1:] == (1, 40, 40) and val.images.shape[1:] == (1, 40, 40)
+    assert max_shift == 6
+    assert train.images[:, :, :6].sum() == 0 and train.images[:, :, 34:].sum() == 0
+    with pytest.raises(ValueError, match="expected data"):
+        sweep.training_data("affnist", str(tmp_path / "no-data"))
+
+
+def test_the_fixed_sweeps_vary_one_thing_at_a_time_over_three_seeds():
+    choices = sweep.SWEEPS["matrix-choices"]()
+    assert len(choices) == 15 and {run.seed for run in choices} == {0, 1, 2}
+    base = next(run for run in choices if run.name == "base-seed0")
+    three = next(run for run in choices if run.name == "3-iterations-seed0")
+    assert {k for k in base.config if base.config[k] != three.config[k]} == {"iterations"}
+    routing = sweep.SWEEPS["capsnet-routing"]()
+    assert len(routing) == 12
+    assert {(run.config["routing_iterations"], run.loss["reconstruction_scale"])
+            for run in routing} == {(1, 0.0005), (1, 0.0), (3, 0.0005), (3, 0.0)}
