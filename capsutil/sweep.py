@@ -87,7 +87,7 @@ SWEEPS = {
     "matrix-choices": _matrix_choices,
     "capsnet-routing": _capsnet_routing,
     "baselines": lambda: [Run("cnn_capsnet", "cnn_capsnet", epochs=20),
-                          Run("cnn_small", "cnn_small", epochs=20, batch_size=64, lr=0.01,
+                          Run("cnn_small", "cnn_small", epochs=24, batch_size=64, lr=0.01,
                               lr_decay=0.8)],
     "expanded": lambda: [Run("capsnet-expanded", "capsnet", dict(image_size=40), epochs=10,
                              data="expanded"),
