@@ -225,7 +225,10 @@ class Entry:
     loss: Callable[..., nn.Module]
 
 
+from capsutil.multimnist_capsnet import MultiCapsNet, MultiDigitLoss  # noqa: E402 (needs CapsNet)
+
 MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss),
+                           "capsnet_multi": Entry(MultiCapsNet, MultiDigitLoss),
                            "matrix": Entry(MatrixCapsNet, SpreadLoss),
                            "cnn_capsnet": Entry(CapsNetBaseline, CrossEntropy),
                            "cnn_small": Entry(SmallBaseline, CrossEntropy)}

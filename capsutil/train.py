@@ -5,7 +5,11 @@ training images by up to 2 pixels, and scores a validation set as it goes, keepi
 the best check; ``evaluate`` gives accuracy and predictions. The test set never enters ``fit``:
 it is scored once, after training (``--export`` on the command line). A model is
 anything whose forward ``model(images, labels)`` returns an object with ``predictions`` (B,),
-trained with a loss called as ``loss(output, images, labels)``.
+trained with a loss called as ``loss(output, images, labels)``. Labels may also hold several
+classes per example, (B, 2) for MultiMNIST pairs: an example is right when all of them are. A
+training set that carries more per-example targets (``train.targets(index)``, a dict, e.g. the
+two digits' layers of :class:`capsutil.multimnist_capsnet.PairDigits`) has them passed to the
+loss by name: ``loss(output, images, labels, **targets)``.
 
 Exact resumption: one dedicated ``torch.Generator`` draws the shuffling order and the shifts.
 A checkpoint stores the model, optimiser, scheduler, the generator's state now and at the start
@@ -19,6 +23,7 @@ Command line (a long run can go in the background and be resumed)::
     python -m capsutil.train capsnet --epochs 20 --run-dir runs/capsnet --data-root DIR --resume \
         --export capsutil/weights
     python -m capsutil.train matrix --config '{"A": 64, "B": 8, "C": 16, "D": 16}' ...
+    python -m capsutil.train capsnet_multi --pairs 60000 ...    # trained on MultiMNIST pairs
 """
 from __future__ import annotations
 
@@ -43,10 +48,12 @@ from capsutil.data import Digits, load_mnist, random_shift, split_validation, to
 from capsutil.classifier import predict_in_batches
 from capsutil.matrix_init import active_fractions, calibrate_half_active
 from capsutil.models import MODELS, build_loss, build_model
+from capsutil.multimnist_capsnet import DEFAULT_PAIRS, pair_splits, pairs_of_test_digits
 from capsutil.stats import Accuracy
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
+DIGIT_SHIFT = 2                       # pixels: training digits are shifted by up to this
 HALF_ACTIVE_IMAGES = 256              # training images the half-active start is calibrated on
 RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size", "val_size",
                "loss")
@@ -98,7 +105,7 @@ class Evaluation:
     @property
     def score(self) -> Accuracy:
         """The number right out of the number scored, printed with its 95% interval."""
-        return Accuracy(int((self.predictions == self.labels).sum()), len(self.labels))
+        return Accuracy(count_correct(self.predictions, self.labels), len(self.labels))
 
     def confusion_matrix(self, n_classes: int = 10) -> torch.Tensor:
         """Counts (n_classes, n_classes): row = true class, column = predicted class."""
@@ -117,6 +124,12 @@ def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def count_correct(predictions: torch.Tensor, labels: torch.Tensor) -> int:
+    """The number of examples whose predictions all equal their labels: (N,) or (N, 2) each
+    (two classes per example, both right; sorted alike, e.g. MultiMNIST pairs)."""
+    return int((predictions == labels).reshape(len(labels), -1).all(dim=1).sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, digits: Digits, batch_size: int = 500) -> Evaluation:
     """Accuracy and predictions of ``model`` on ``digits`` (no shifts), in eval mode.
@@ -124,7 +137,7 @@ def evaluate(model: nn.Module, digits: Digits, batch_size: int = 500) -> Evaluat
     The model's training/eval mode is restored afterwards.
     """
     predictions = predict_in_batches(model, digits.images, batch_size, prepare=to_float)  # (N,)
-    accuracy = int((predictions == digits.labels).sum()) / max(len(digits), 1)
+    accuracy = count_correct(predictions, digits.labels) / max(len(digits), 1)
     return Evaluation(accuracy, predictions, digits.labels.clone())
 
 
@@ -141,6 +154,14 @@ def _check_fit_arguments(epochs, batch_size, lr, lr_decay, max_shift, checkpoint
         raise ValueError(f"expected lr > 0 and 0 < lr_decay <= 1, got lr {lr!r}, lr_decay {lr_decay!r}")
     if not isinstance(max_shift, int) or max_shift < 0:
         raise ValueError(f"expected a non-negative integer max_shift, got {max_shift!r}")
+
+
+def _targets(data: Digits, index: torch.Tensor,
+             device: torch.device) -> dict[str, torch.Tensor]:
+    """The extra per-example targets of the examples ``index`` that ``data`` carries
+    (``data.targets(index)``), on ``device``; none for plain :class:`Digits`."""
+    targets = getattr(data, "targets", None)
+    return {} if targets is None else {k: v.to(device) for k, v in targets(index).items()}
 
 
 def _check_resumable(checkpoint: dict, path: Path, model: nn.Module, recipe: dict) -> None:
@@ -207,14 +228,16 @@ def _kept(path: Path | None, saved_step: int | None) -> str:
 
 def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None = None, *,
         epochs: int, batch_size: int = 128, lr: float = 1e-3, lr_decay: float = 0.9,
-        max_shift: int = 2, seed: int = 0, run_dir: str | os.PathLike | None = None,
+        max_shift: int = DIGIT_SHIFT, seed: int = 0, run_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None, resume: bool = False,
         val_every: int | None = None, max_steps: int | None = None, compile: bool = False,
         progress: bool = True) -> History:
     """Train ``model`` in place with Adam (``lr``, times ``lr_decay`` after each epoch).
 
     Each epoch draws a fresh order of ``train`` and shifts every image by up to ``max_shift``
-    pixels (training images only), both from one generator seeded with ``seed``. ``val`` is
+    pixels (training images only), both from one generator seeded with ``seed``; a training set
+    with per-example ``targets`` (see the module's docstring) is not shifted: it needs
+    ``max_shift=0``. ``val`` is
     scored after every epoch (and every ``val_every`` steps when given); with ``run_dir`` the
     weights of the best check so far go to ``run_dir/best.pt`` (see :meth:`History.best`). There
     is no test set here: choose with ``val``, then score the test set once, after training.
@@ -236,6 +259,10 @@ def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None 
     """
     _check_fit_arguments(epochs, batch_size, lr, lr_decay, max_shift, checkpoint_every,
                          val_every, max_steps)
+    if max_shift and hasattr(train, "targets"):
+        raise ValueError(f"the training set carries per-example targets "
+                         f"({type(train).__name__}.targets) that a shift of the images would "
+                         f"not follow; train it with max_shift=0, got {max_shift}")
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds the checkpoint")
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
@@ -330,15 +357,16 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
             index = order[batch * batch_size:(batch + 1) * batch_size]
             images = random_shift(to_float(train.images[index]), max_shift, generator=generator)
             images, labels = images.to(device), train.labels[index].to(device)
+            targets = _targets(train, index, device)
             optimizer.zero_grad(set_to_none=True)
             output = model(images, labels)
-            loss = loss_fn(output, images, labels)
+            loss = loss_fn(output, images, labels, **targets)
             loss_value = loss.item()
             loss.backward()
             _check_finite_step(model, loss_value, step + 1, path, saved_step)
             optimizer.step()
             sums["loss"] += loss_value * len(labels)
-            sums["correct"] += (output.predictions == labels).sum().item()
+            sums["correct"] += count_correct(output.predictions, labels)
             sums["seen"] += len(labels)
             batch, step = batch + 1, step + 1
             bar.update(1)
@@ -504,11 +532,21 @@ def _parser() -> argparse.ArgumentParser:
     models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
     shared = _training_options()
     for name in sorted(MODELS):
-        models.add_parser(name, parents=[shared], formatter_class=_HelpFormatter,
-                          help=f"train {name}", description=f"Train the {name} model.",
-                          epilog=f"--config keys of {name}, with their defaults:\n"
-                                 f"{_model_options(name)}")
+        command = models.add_parser(name, parents=[shared], formatter_class=_HelpFormatter,
+                                    help=f"train {name}", description=f"Train the {name} model.",
+                                    epilog=f"--config keys of {name}, with their defaults:\n"
+                                           f"{_model_options(name)}")
+        if _trained_on_pairs(name):
+            command.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, metavar="N",
+                                 help="MultiMNIST training pairs, drawn once from the training "
+                                      "digits with --seed; validation and test pairs: one per "
+                                      "digit of their split")
     return parser
+
+
+def _trained_on_pairs(name: str) -> bool:
+    """Whether model ``name`` learns from MultiMNIST pairs instead of single digits."""
+    return getattr(MODELS[name].model, "trained_on_pairs", False)
 
 
 def main(argv: list[str] | None = None) -> History:
@@ -541,16 +579,24 @@ def _train_and_export(args: argparse.Namespace) -> History:
     official = load_mnist("train", args.data_root)
     split = split_validation(official, args.val_size) if args.val_size != 0 else None
     train, val = (split.train, split.val) if split is not None else (official, None)
+    pairs = _trained_on_pairs(args.model)
+    if pairs:                                      # drawn once; fit shifts them no further
+        if args.pairs < 1:
+            raise ValueError(f"expected --pairs as a positive integer, got {args.pairs}")
+        train, val = pair_splits(train, val, args.pairs, args.seed)
     model = build_model(args.model, **args.config).to(device)
     loss_fn = build_loss(args.model, **args.loss).to(device)
     if args.init == "half-active" and not args.resume:
         _start_half_active(model, train, device)
     history = fit(model, loss_fn, train, val, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, run_dir=args.run_dir,
-                  checkpoint_every=args.checkpoint_every, resume=args.resume,
-                  val_every=args.val_every, max_steps=args.max_steps, compile=not args.eager)
+                  lr=args.lr, lr_decay=args.lr_decay, max_shift=0 if pairs else DIGIT_SHIFT,
+                  seed=args.seed, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
+                  resume=args.resume, val_every=args.val_every, max_steps=args.max_steps,
+                  compile=not args.eager)
     checkpoint = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
     test = load_mnist("test", args.data_root) if args.export is not None else None
+    if pairs and test is not None:
+        test = pairs_of_test_digits(test)
     runtime.provenance(n_train=len(train), n_val=len(val) if val is not None else 0,
                        n_test=len(test) if test is not None else 0, device=device,
                        epochs=checkpoint["step"] / math.ceil(len(train) / args.batch_size),

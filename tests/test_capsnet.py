@@ -147,7 +147,8 @@ def test_build_model_by_name_rebuilds_from_its_config():
     model = build_model("capsnet", **TINY)
     assert build_model("capsnet", **model.config).config == model.config
     with pytest.raises(ValueError, match="unknown model 'capsnett'; expected one of "
-                                         "\\['capsnet', 'cnn_capsnet', 'cnn_small', 'matrix'\\]"):
+                                         "\\['capsnet', 'capsnet_multi', 'cnn_capsnet', "
+                                         "'cnn_small', 'matrix'\\]"):
         build_model("capsnett")
 
 
