@@ -20,6 +20,15 @@ result to float32 as it stores it. PyTorch sums in float32 in its own order, so 
 float32 rounding error, far below one grey level. (Rounding every partial sum with
 ``Math.fround`` would mimic float32 sums more closely and costs about three times as long.)
 
+The page side lives in real JavaScript files shipped with the package, ``capsutil/assets/``:
+``core.js`` (decoding the payload, float16 and int8 arrays, matrix-vector products, the decoder,
+routing by agreement, drawing a digit) and one file per explorer (``pose-explorer.js`` here,
+``routing-explorer.js`` for :mod:`capsutil.routing_explorer`). :func:`asset_scripts` inlines
+them into each block, whose last script starts its explorer; the files guard themselves, so
+they run once per page however many explorers carry them. The helpers that pack arrays into a
+payload (:func:`pack_arrays`, :func:`unpack_arrays`) and find it again (:func:`find_payload`)
+serve both explorers.
+
 Index letters as in :mod:`capsutil.layers`: ``j`` parent capsule (a class), ``e`` pose component.
 """
 from __future__ import annotations
@@ -29,7 +38,9 @@ import html as html_lib
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 import torch
@@ -46,6 +57,10 @@ BLOB_ALPHABET = "0123456789ABCDEFGHIJKLMOPQSTUVWXYZabcdefghijklmopqstuvwxyz-_.~!
 _STANDARD = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _TO_BLOB = bytes.maketrans(_STANDARD, BLOB_ALPHABET.encode("ascii"))
 _FROM_BLOB = bytes.maketrans(BLOB_ALPHABET.encode("ascii"), _STANDARD)
+# Each array's dtype in the payload and its little-endian layout.
+LAYOUTS = {"float16": "<f2", "float32": "<f4", "int8": "i1", "uint8": "u1"}
+PAYLOAD_TAG = re.compile(r'<script type="application/json" data-role="payload" '
+                         r'data-for="([^"]+)">(.*?)</script>', re.S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +206,9 @@ class ExplorerPayload:
         return decoder.eval()
 
 
-def _as_uint8_images(images: torch.Tensor, n: int, side: int) -> np.ndarray:
+def as_uint8_images(images: torch.Tensor, n: int, side: int) -> np.ndarray:
+    """``images`` (n, side, side), (n, 1, side, side) or (n, side*side), uint8 or float in
+    [0, 1], as uint8 (n, side, side)."""
     expected = f"({n}, {side}, {side}), ({n}, 1, {side}, {side}) or ({n}, {side * side})"
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"expected images as a tensor of shape {expected}, "
@@ -242,53 +259,112 @@ def build_payload(decoder: nn.Module, poses: torch.Tensor, classes: torch.Tensor
             biases=tuple(_half(layer.bias) for layer in layers), n_caps=n_caps,
             poses=poses.detach().cpu().to(torch.float32).numpy(),
             labels=classes.cpu().numpy().astype(np.int64),
-            images=_as_uint8_images(images, len(poses), side), names=tuple(names))
+            images=as_uint8_images(images, len(poses), side), names=tuple(names))
 
 
 # ----------------------------------------------------------------------------------------------
 # Into HTML and back
 # ----------------------------------------------------------------------------------------------
 
-def _pack(payload: ExplorerPayload) -> dict:
-    """The JSON the page carries: a manifest of typed arrays inside one little-endian base64 blob."""
-    arrays = {"columns": payload.columns, "poses": payload.poses, "images": payload.images}
-    arrays |= {f"weight{k + 1}": w for k, w in enumerate(payload.weights)}
-    arrays |= {f"bias{k}": b for k, b in enumerate(payload.biases)}
-    dtypes = {np.dtype(np.float16): ("float16", "<f2"), np.dtype(np.float32): ("float32", "<f4"),
-              np.dtype(np.uint8): ("uint8", "u1")}
+def pack_arrays(arrays: dict[str, np.ndarray], compress: bool = False) -> dict:
+    """The arrays as a payload's JSON fields: ``arrays``, a manifest of each array's dtype, shape
+    and byte offset, and ``blob``, all of them end to end in little-endian order, base64-encoded
+    over :data:`BLOB_ALPHABET`. With ``compress`` the bytes are zlib-compressed before encoding
+    (``"compression": "deflate"``, which the browser's ``DecompressionStream`` reads)."""
     manifest, chunks, offset = {}, [], 0
     for name, array in arrays.items():
-        label, layout = dtypes[array.dtype]
-        raw = np.ascontiguousarray(array, dtype=layout).tobytes()
+        label = array.dtype.name
+        if label not in LAYOUTS:
+            raise ValueError(f"expected arrays of dtype {', '.join(LAYOUTS)}; {name} is {label}")
+        raw = np.ascontiguousarray(array, dtype=LAYOUTS[label]).tobytes()
         manifest[name] = {"dtype": label, "shape": list(array.shape), "offset": offset}
         chunks.append(raw)
         offset += len(raw)
+    data = b"".join(chunks)
+    if compress:
+        data = zlib.compress(data, 9)
+    return {"arrays": manifest, "compression": "deflate" if compress else None,
+            "alphabet": BLOB_ALPHABET,
+            "blob": base64.b64encode(data).translate(_TO_BLOB).decode("ascii")}
+
+
+def unpack_arrays(spec: dict) -> dict[str, np.ndarray]:
+    """The arrays of a payload written by :func:`pack_arrays`, by name."""
+    data = base64.b64decode(spec["blob"].encode("ascii").translate(_FROM_BLOB))
+    if spec.get("compression") == "deflate":
+        data = zlib.decompress(data)
+    arrays = {}
+    for name, entry in spec["arrays"].items():
+        count = math.prod(entry["shape"])
+        arrays[name] = np.frombuffer(data, LAYOUTS[entry["dtype"]], count, entry["offset"]) \
+            .reshape(entry["shape"]).astype(entry["dtype"])
+    return arrays
+
+
+def payload_script(spec: dict, element_id: str) -> str:
+    """The payload as a JSON ``<script>`` of the block ``element_id`` (``<`` escaped, so no
+    caption can close it)."""
+    text = json.dumps(spec, separators=(",", ":")).replace("<", "\\u003c")
+    return f'<script type="application/json" data-role="payload" data-for="{element_id}">' \
+           f'{text}</script>'
+
+
+def find_payload(page: str, payload_format: str, element_id: str | None = None,
+                 what: str = "pose explorer") -> dict:
+    """The JSON payload of format ``payload_format`` of the block ``element_id`` (the first
+    such block when None) in an HTML page; ``what`` names the explorer in the message raised
+    when there is none."""
+    for match in PAYLOAD_TAG.finditer(page):
+        if element_id is None or match.group(1) == element_id:
+            spec = json.loads(match.group(2))
+            if spec.get("format") == payload_format:
+                return spec
+    wanted = what if element_id is None else f"{what} {element_id}"
+    raise ValueError(f"no {wanted} found in the page")
+
+
+def asset_text(name: str) -> str:
+    """The text of ``capsutil/assets/<name>``, checked to be safe inline in a ``<script>`` or
+    ``<style>`` element (nothing in it can close the element)."""
+    text = resources.files("capsutil").joinpath("assets", name).read_text(encoding="utf-8")
+    if "</" in text or "<!--" in text:
+        raise ValueError(f"capsutil/assets/{name} would close its element early")
+    return text
+
+
+def asset_scripts(*names: str) -> str:
+    """One ``<script data-capsutil-asset=...>`` per asset file: ``core.js``, then ``names``."""
+    return "\n".join(f'<script data-capsutil-asset="{name[:-3]}">\n{asset_text(name)}</script>'
+                     for name in ("core.js", *names))
+
+
+def check_element_id(element_id: str) -> None:
+    """Raise ``ValueError`` unless ``element_id`` can prefix every id of a block."""
+    if not isinstance(element_id, str) or not ELEMENT_ID.match(element_id):
+        raise ValueError(f"expected an HTML id of letters, digits, '-' and '_' starting with a "
+                         f"letter, got {element_id!r}")
+
+
+def _pack(payload: ExplorerPayload) -> dict:
+    """The JSON the page carries: a manifest of typed arrays inside one base64 blob."""
+    arrays = {"columns": payload.columns, "poses": payload.poses, "images": payload.images}
+    arrays |= {f"weight{k + 1}": w for k, w in enumerate(payload.weights)}
+    arrays |= {f"bias{k}": b for k, b in enumerate(payload.biases)}
     return {"format": PAYLOAD_FORMAT, "caps": payload.n_caps, "dims": payload.poses.shape[1],
             "side": payload.side, "layers": len(payload.biases),
             "classes": payload.classes.tolist(), "labels": payload.labels.tolist(),
-            "names": list(payload.names), "arrays": manifest, "alphabet": BLOB_ALPHABET,
-            "blob": base64.b64encode(b"".join(chunks)).translate(_TO_BLOB).decode("ascii")}
+            "names": list(payload.names), **pack_arrays(arrays)}
 
 
 def _unpack(spec: dict) -> ExplorerPayload:
-    if spec.get("format") != PAYLOAD_FORMAT:
-        raise ValueError(f"expected a {PAYLOAD_FORMAT} payload, got {spec.get('format')!r}")
-    blob = base64.b64decode(spec["blob"].encode("ascii").translate(_FROM_BLOB))
-    layouts = {"float16": "<f2", "float32": "<f4", "uint8": "u1"}
-
-    def array(name: str) -> np.ndarray:
-        entry = spec["arrays"][name]
-        count = math.prod(entry["shape"])
-        return np.frombuffer(blob, layouts[entry["dtype"]], count,
-                             entry["offset"]).reshape(entry["shape"]).astype(entry["dtype"])
-
+    array = unpack_arrays(spec)
     layers = spec["layers"]
     return ExplorerPayload(
-        classes=np.array(spec["classes"], np.int64), columns=array("columns"),
-        weights=tuple(array(f"weight{k}") for k in range(1, layers)),
-        biases=tuple(array(f"bias{k}") for k in range(layers)), n_caps=spec["caps"],
-        poses=array("poses"), labels=np.array(spec["labels"], np.int64),
-        images=array("images"), names=tuple(spec["names"]))
+        classes=np.array(spec["classes"], np.int64), columns=array["columns"],
+        weights=tuple(array[f"weight{k}"] for k in range(1, layers)),
+        biases=tuple(array[f"bias{k}"] for k in range(layers)), n_caps=spec["caps"],
+        poses=array["poses"], labels=np.array(spec["labels"], np.int64),
+        images=array["images"], names=tuple(spec["names"]))
 
 
 def explorer_html(payload: ExplorerPayload, element_id: str = "pose-explorer",
@@ -301,23 +377,20 @@ def explorer_html(payload: ExplorerPayload, element_id: str = "pose-explorer",
     (``<id>-dim-3``, ``<id>-digit``, ``<id>-reset``, ``<id>-reconstruction``), so several
     explorers can share a page. Raises ``ValueError`` if the block exceeds ``max_bytes``.
     """
-    if not isinstance(element_id, str) or not ELEMENT_ID.match(element_id):
-        raise ValueError(f"expected an HTML id of letters, digits, '-' and '_' starting with a "
-                         f"letter, got {element_id!r}")
+    check_element_id(element_id)
     if not (isinstance(limit, (int, float)) and isinstance(step, (int, float))
             and 0 < step <= limit and math.isfinite(limit)):
         raise ValueError(f"expected 0 < step <= limit, got step {step!r}, limit {limit!r}")
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise ValueError(f"expected a positive integer scale, got {scale!r}")
-    spec = json.dumps(_pack(payload), separators=(",", ":")).replace("<", "\\u003c")  # no </script>
     sliders = "\n".join(_SLIDER.format(id=element_id, e=e, limit=limit, step=step)
                         for e in range(payload.poses.shape[1]))
     options = "\n".join(f'<option value="{k}">{html_lib.escape(name)}</option>'
                         for k, name in enumerate(payload.names))
     size = payload.side * scale
     block = _PAGE.format(id=element_id, sliders=sliders, options=options, side=payload.side,
-                         size=size, spec=spec,
-                         script=_SCRIPT.replace("__ROOT_ID__", json.dumps(element_id)))
+                         size=size, payload=payload_script(_pack(payload), element_id),
+                         assets=asset_scripts("pose-explorer.js"), root=json.dumps(element_id))
     n_bytes = len(block.encode("utf-8"))
     if n_bytes > max_bytes:
         raise ValueError(f"the explorer takes {n_bytes:,} bytes, over the budget of "
@@ -327,12 +400,7 @@ def explorer_html(payload: ExplorerPayload, element_id: str = "pose-explorer",
 
 def read_payload(page: str, element_id: str | None = None) -> ExplorerPayload:
     """The payload of the explorer ``element_id`` (the first one when None) in an HTML page."""
-    for match in re.finditer(r'<script type="application/json" data-role="payload" '
-                             r'data-for="([^"]+)">(.*?)</script>', page, re.S):
-        if element_id is None or match.group(1) == element_id:
-            return _unpack(json.loads(match.group(2)))
-    wanted = "pose explorer" if element_id is None else f"pose explorer {element_id}"
-    raise ValueError(f"no {wanted} found in the page")
+    return _unpack(find_payload(page, PAYLOAD_FORMAT, element_id, "pose explorer"))
 
 
 def pose_explorer_html(model: nn.Module, images: torch.Tensor, names: list[str] | None = None,
@@ -392,155 +460,7 @@ _PAGE = """<div id="{id}" class="pose-explorer" data-pose-explorer="{id}">
 <div class="pex-sliders" role="group" aria-label="offsets added to the capsule's pose dimensions">
 {sliders}
 </div>
-<script type="application/json" data-role="payload" data-for="{id}">{spec}</script>
-<script>{script}</script>
+{payload}
+{assets}
+<script>capsutil.poseExplorer.start(document.getElementById({root}));</script>
 </div>"""
-
-_SCRIPT = r"""
-(() => {
-  "use strict";
-  const root = document.getElementById(__ROOT_ID__);
-  if (!root || root.dataset.ready) return;
-  const status = root.querySelector('[data-role="status"]');
-
-  function halfToFloat(h) {
-    const sign = h & 0x8000 ? -1 : 1, exponent = (h >> 10) & 0x1f, fraction = h & 0x3ff;
-    if (exponent === 0) return sign * fraction * Math.pow(2, -24);
-    if (exponent === 31) return fraction ? 0 / 0 : sign / 0;          // not finite
-    return sign * (1 + fraction / 1024) * Math.pow(2, exponent - 15);
-  }
-
-  function decodeBlob(text, alphabet) {         // base64 over the payload's own alphabet
-    const value = new Uint8Array(128);
-    for (let k = 0; k < 64; k++) value[alphabet.charCodeAt(k)] = k;
-    const padding = text.endsWith("==") ? 2 : text.endsWith("=") ? 1 : 0;
-    const bytes = new Uint8Array(text.length / 4 * 3 - padding);
-    for (let i = 0, o = 0; i < text.length; i += 4) {
-      const bits = value[text.charCodeAt(i)] << 18 | value[text.charCodeAt(i + 1)] << 12 |
-        value[text.charCodeAt(i + 2)] << 6 | value[text.charCodeAt(i + 3)];
-      bytes[o++] = bits >> 16;
-      if (o < bytes.length) bytes[o++] = (bits >> 8) & 255;
-      if (o < bytes.length) bytes[o++] = bits & 255;
-    }
-    return bytes;
-  }
-
-  function unpack(spec) {
-    const bytes = decodeBlob(spec.blob, spec.alphabet);
-    const data = new DataView(bytes.buffer), halves = new Float32Array(65536);
-    for (let h = 0; h < 65536; h++) halves[h] = halfToFloat(h);
-    return name => {
-      const entry = spec.arrays[name], at = entry.offset;
-      const n = entry.shape.reduce((a, b) => a * b, 1);
-      if (entry.dtype === "uint8") return bytes.subarray(at, at + n);
-      const out = new Float32Array(n);
-      if (entry.dtype === "float16")
-        for (let k = 0; k < n; k++) out[k] = halves[bytes[at + 2 * k] | (bytes[at + 2 * k + 1] << 8)];
-      else
-        for (let k = 0; k < n; k++) out[k] = data.getFloat32(at + 4 * k, true);
-      return out;
-    };
-  }
-
-  function start() {
-    const spec = JSON.parse(root.querySelector('script[data-role="payload"]').textContent);
-    const array = unpack(spec), E = spec.dims, side = spec.side, L = spec.layers;
-    const columns = array("columns"), H1 = spec.arrays.columns.shape[1];
-    const weights = [null], biases = [array("bias0")], sizes = [H1];
-    for (let l = 1; l < L; l++) {
-      weights.push(array("weight" + l));
-      biases.push(array("bias" + l));
-      sizes.push(spec.arrays["weight" + l].shape[0]);
-    }
-    const activations = sizes.map(n => new Float32Array(n));
-    const poses = array("poses"), images = array("images");
-    const slotOf = new Map(spec.classes.map((c, s) => [c, s]));
-    const offsets = new Float32Array(E), pose = new Float32Array(E);
-    const sliders = Array.from(root.querySelectorAll('input[type="range"][data-dimension]'));
-    const digit = root.querySelector('[data-role="digit"]');
-    const input = root.querySelector('[data-role="input"]').getContext("2d");
-    const output = root.querySelector('[data-role="reconstruction"]').getContext("2d");
-
-    // The decoder on one capsule v of class slot s: h1 = relu(W1[:, s] v + b1), then
-    // h_l = relu(W_l h_(l-1) + b_l), and the image is the sigmoid of the last layer. Each dot
-    // product is summed in double precision and stored as float32 (Float32Array).
-    function decode(v, s) {
-      let x = activations[0];
-      const b0 = biases[0], base = s * H1 * E;
-      for (let r = 0; r < H1; r++) {
-        let acc = b0[r];
-        for (let e = 0, at = base + r * E; e < E; e++) acc += columns[at + e] * v[e];
-        x[r] = acc > 0 ? acc : 0;
-      }
-      for (let l = 1; l < L; l++) {
-        const W = weights[l], b = biases[l], y = activations[l], nIn = sizes[l - 1];
-        const last = l === L - 1;
-        for (let r = 0; r < sizes[l]; r++) {
-          let acc = b[r];
-          for (let k = 0, at = r * nIn; k < nIn; k++) acc += W[at + k] * x[k];
-          y[r] = last ? 1 / (1 + Math.exp(-acc)) : (acc > 0 ? acc : 0);
-        }
-        x = y;
-      }
-      return x;
-    }
-
-    function paint(context, grey) {
-      const image = context.createImageData(side, side);
-      for (let k = 0; k < side * side; k++) {
-        image.data[4 * k] = image.data[4 * k + 1] = image.data[4 * k + 2] = grey(k);
-        image.data[4 * k + 3] = 255;
-      }
-      context.putImageData(image, 0, 0);
-    }
-
-    function render() {
-      const i = Number(digit.value);
-      let square = 0;
-      for (let e = 0; e < E; e++) {
-        pose[e] = poses[i * E + e] + offsets[e];                   // rounded to float32
-        square += pose[e] * pose[e];
-      }
-      const pixels = decode(pose, slotOf.get(spec.labels[i]));
-      paint(output, k => Math.round(255 * (1 - pixels[k])));      // cmap "binary": 1 is black
-      status.textContent = "decoded as class " + spec.labels[i] + "; capsule length " +
-        Math.sqrt(square).toFixed(3);
-    }
-
-    function showDigit() {
-      const i = Number(digit.value);
-      paint(input, k => 255 - images[i * side * side + k]);
-      render();
-    }
-
-    const readouts = sliders.map(slider => root.querySelector("#" + slider.id + "-value"));
-    const show = (k, value) => {
-      readouts[k].textContent = (value < 0 ? "" : "+") + value.toFixed(2);
-    };
-    sliders.forEach((slider, k) => slider.addEventListener("input", () => {
-      offsets[Number(slider.dataset.dimension)] = Number(slider.value);
-      show(k, Number(slider.value));
-      render();
-    }));
-    digit.addEventListener("change", showDigit);
-    root.querySelector('[data-role="reset"]').addEventListener("click", () => {
-      sliders.forEach((slider, k) => {
-        slider.value = 0;
-        offsets[Number(slider.dataset.dimension)] = 0;
-        show(k, 0);
-      });
-      render();
-    });
-    showDigit();
-    root.dataset.ready = "true";
-  }
-
-  try {
-    start();
-  } catch (failure) {
-    status.textContent = "The explorer could not start: " + failure.message;
-    root.dataset.ready = "failed";
-    throw failure;
-  }
-})();
-"""

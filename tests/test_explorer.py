@@ -78,6 +78,26 @@ def test_explorer_is_self_contained_with_nothing_to_fetch(paper_page):
     assert scripts and all("src" not in attrs for attrs in scripts)
 
 
+def test_page_scripts_are_the_shipped_asset_files_each_guarded_to_run_once(paper_page):
+    *_, page = paper_page
+    for name in ("core.js", "pose-explorer.js"):
+        text = explorer.asset_text(name)
+        assert page.count(f'<script data-capsutil-asset="{name[:-3]}">\n{text}</script>') == 1
+        assert f'if (capsutil.assets.includes("{name[:-3]}")) return;' in text
+    assert page.rstrip().endswith('<script>capsutil.poseExplorer.start('
+                                  'document.getElementById("pose-explorer"));</script>\n</div>')
+
+
+def test_the_assets_ship_as_package_data():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")                         # Python 3.11 and later
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert {"assets/*.js", "assets/*.css"} <= set(
+        project["tool"]["setuptools"]["package-data"]["capsutil"])
+
+
 def test_megabytes_of_encoded_weights_spell_no_path_or_failure_word(paper_page):
     *_, page = paper_page
     for word in ("nan", "inf", "error", "warning", "traceback", "/tmp", "/work", "/root"):
@@ -237,7 +257,9 @@ def test_captions_cannot_close_the_script_that_carries_them(tiny):
     payload = explorer.build_payload(model.decoder, torch.zeros(1, 6), torch.tensor([7]),
                                      torch.zeros(1, 28, 28), [caption])
     page = explorer.explorer_html(payload)
-    assert page.count("</script>") == 2 and "<script>alert" not in page
+    # the payload, core.js, pose-explorer.js and the line that starts the explorer
+    assert page.count("</script>") == page.count("<script") == 4
+    assert "<script>alert" not in page
     assert explorer.read_payload(page).names == (caption,)
 
 
