@@ -125,7 +125,10 @@ class MatrixCapsNet(ImageClassifier):
     Hinton, Sabour & Frosst (2018), figure 1: Conv1 ``A`` kernels 5x5 stride 2 with ReLU;
     PrimaryCaps ``B`` types of 4x4 pose + activation (1x1); ConvCaps1 ``C`` types, K=3 stride 2;
     ConvCaps2 ``D`` types, K=3 stride 1; class capsules with transformation matrices shared
-    across positions and coordinate addition. ``conv1_padding`` pads Conv1's input: with 1, the
+    across positions and coordinate addition. ``last_inverse_temperature`` rescales the
+    routing's schedule to end there (:func:`capsutil.routing.schedule_ending_at`);
+    ``beta_u_init`` replaces ``BETA_U_INIT`` as the start of every routed layer's beta_u.
+    ``conv1_padding`` pads Conv1's input: with 1, the
     grids on 28x28 images are 13x13, 13x13, 6x6 and 4x4 and every pixel reaches the class
     capsules; with 0 (the first networks of chapter 08) they are 12x12, 12x12, 5x5 and 3x3, and
     ConvCaps1's windows (K=3, stride 2) never cover the last row and column of the primary
@@ -144,7 +147,8 @@ class MatrixCapsNet(ImageClassifier):
     def __init__(self, A: int = 32, B: int = 32, C: int = 32, D: int = 32, iterations: int = 3,
                  image_size: int = 28, in_channels: int = 1, classes: int = 10,
                  coordinate_addition: bool = True, detach_intermediate: bool = False,
-                 conv1_padding: int = 0, last_inverse_temperature: float | None = None):
+                 conv1_padding: int = 0, last_inverse_temperature: float | None = None,
+                 beta_u_init: float | None = None):
         super().__init__()
         self.config = dict(A=A, B=B, C=C, D=D, iterations=iterations, image_size=image_size,
                            in_channels=in_channels, classes=classes,
@@ -155,6 +159,8 @@ class MatrixCapsNet(ImageClassifier):
             self.config["conv1_padding"] = conv1_padding
         if last_inverse_temperature is not None:
             self.config["last_inverse_temperature"] = last_inverse_temperature
+        if beta_u_init is not None:
+            self.config["beta_u_init"] = beta_u_init
         # (kernel, stride, padding) of Conv1, PrimaryCaps, ConvCaps1, ConvCaps2, image upwards.
         self.geometry = ((5, 2, conv1_padding), (1, 1, 0), (3, 2, 0), (3, 1, 0))
         size = image_size
@@ -173,10 +179,12 @@ class MatrixCapsNet(ImageClassifier):
         self.conv_caps1 = ConvCaps(B, C, kernel=kernel1, stride=stride1, **routing)
         self.conv_caps2 = ConvCaps(C, D, kernel=kernel2, stride=stride2, **routing)
         self.class_caps = ClassCaps(D, classes, positions=size * size, **routing)
-        if last_inverse_temperature is not None:
-            for layer in (self.conv_caps1, self.conv_caps2, self.class_caps):
+        for layer in (self.conv_caps1, self.conv_caps2, self.class_caps):
+            if last_inverse_temperature is not None:
                 layer.inverse_temperatures = schedule_ending_at(iterations,
                                                                 last_inverse_temperature)
+            if beta_u_init is not None:
+                nn.init.constant_(layer.beta_u, beta_u_init)
         centres = receptive_field_centres(size, self.geometry, image_size)   # (size,)
         offsets = coordinate_offsets(centres, centres, D) if coordinate_addition else None
         self.register_buffer("coordinate_offsets", offsets, persistent=False)   # (I, 16)

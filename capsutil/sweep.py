@@ -66,6 +66,7 @@ def _matrix_choices() -> list[Run]:
                "3-iterations": dict(config=dict(base["config"], iterations=3)),
                "detached": dict(config=dict(base["config"], detach_intermediate=True)),
                "fan-in-start": dict(init="default"),
+               "beta-u-0": dict(config=dict(base["config"], beta_u_init=0.0)),
                "no-coordinate-addition": dict(config=dict(base["config"],
                                                           coordinate_addition=False))}
     return [run for name, change in changes.items() for run in _seeds(name, **{**base, **change})]

@@ -5,7 +5,7 @@ import torch
 from capsutil import checkpoints, matrix_layers, train
 from capsutil.data import Digits, load_sample, to_float
 from capsutil.losses import SpreadLoss, spread_loss
-from capsutil.matrix_layers import (ClassCaps, ConvCaps, coordinate_offsets,
+from capsutil.matrix_layers import (BETA_U_INIT, ClassCaps, ConvCaps, coordinate_offsets,
                                     receptive_field_centres, transform_votes, windows)
 from capsutil.models import MATRIX_SIZES, MatrixCapsNet, count_parameters
 from capsutil.routing import em_routing
@@ -283,3 +283,11 @@ def test_last_inverse_temperature_sets_every_routed_layers_schedule():
         assert layer.inverse_temperatures[-1] == pytest.approx(0.5)
     assert model.config["last_inverse_temperature"] == 0.5
     assert "last_inverse_temperature" not in _seeded(TINY).config
+
+
+def test_beta_u_init_sets_every_routed_layers_start_and_is_recorded():
+    model = _seeded(dict(TINY, beta_u_init=0.0))
+    for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
+        assert torch.equal(layer.beta_u.detach(), torch.zeros_like(layer.beta_u))
+    assert model.config["beta_u_init"] == 0.0
+    assert (_seeded(TINY).class_caps.beta_u == BETA_U_INIT).all()

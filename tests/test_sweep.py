@@ -53,7 +53,7 @@ def test_expanded_mnist_is_the_digits_centred_in_40_pixels_with_shifts_of_6(tmp_
 
 def test_the_fixed_sweeps_vary_one_thing_at_a_time_over_three_seeds():
     choices = sweep.SWEEPS["matrix-choices"]()
-    assert len(choices) == 15 and {run.seed for run in choices} == {0, 1, 2}
+    assert len(choices) == 18 and {run.seed for run in choices} == {0, 1, 2}
     base = next(run for run in choices if run.name == "base-seed0")
     three = next(run for run in choices if run.name == "3-iterations-seed0")
     assert {k for k in base.config if base.config[k] != three.config[k]} == {"iterations"}
