@@ -14,11 +14,13 @@ import math
 
 import torch
 
+from capsutil.data import Digits, to_float
 from capsutil.models import MatrixCapsNet
 
 ROUTED_LAYERS = ("conv_caps1", "conv_caps2", "class_caps")
 ACTIVE = 0.5                         # a capsule counts as active above this activation
 LOG_FACTOR_RANGE = (-8.0, 8.0)       # the factors searched: e^-8 to e^8 times the initial W
+START_IMAGES = 256                   # training images the half-active start is calibrated on
 
 
 def _check_model(model) -> None:
@@ -67,3 +69,14 @@ def calibrate_half_active(model: MatrixCapsNet, images: torch.Tensor, target: fl
         factors[name] = math.exp((low + high) / 2)
         weight.copy_(start * factors[name])
     return factors
+
+
+def start_half_active(model: MatrixCapsNet, train: Digits) -> dict[str, float]:
+    """Calibrate ``model`` (:func:`calibrate_half_active`) on the first ``START_IMAGES`` images
+    of ``train``, on the model's device, and return the shares of active capsules after it
+    (:func:`active_fractions`)."""
+    _check_model(model)
+    device = next(model.parameters()).device
+    images = to_float(train.images[:START_IMAGES]).to(device)     # (N, C, H, W) in [0, 1]
+    calibrate_half_active(model, images)
+    return active_fractions(model, images)

@@ -24,10 +24,10 @@ import torch
 from capsutil import runtime
 from capsutil.affine_mnist import centre
 from capsutil.checkpoints import load_checkpoint
-from capsutil.data import Digits, load_mnist, split_validation, to_float
-from capsutil.matrix_init import calibrate_half_active
+from capsutil.data import Digits, load_mnist, split_validation
+from capsutil.matrix_init import start_half_active
 from capsutil.models import build_loss, build_model
-from capsutil.train import CHECKPOINT_NAME, HALF_ACTIVE_IMAGES, fit
+from capsutil.train import CHECKPOINT_NAME, DIGIT_SHIFT, fit
 
 EXPANDED_SHIFT = 6                   # expanded MNIST: the official code's --shift=6 --pad=6
 
@@ -102,22 +102,24 @@ def training_data(kind: str, root: str | None) -> tuple[Digits, Digits, int]:
     "expanded" (40x40 frames, shifts of up to 6 pixels: expanded MNIST)."""
     split = split_validation(load_mnist("train", root))
     if kind == "mnist":
-        return split.train, split.val, 2
+        return split.train, split.val, DIGIT_SHIFT
     if kind == "expanded":
         return centre(split.train), centre(split.val), EXPANDED_SHIFT
     raise ValueError(f"expected data 'mnist' or 'expanded', got {kind!r}")
 
 
-def train_run(run: Run, runs_dir: Path, root: str | None, device: torch.device) -> dict:
-    """Train ``run`` (resuming its folder when it holds a checkpoint) and return its record:
-    the run's settings, its history and the best validation check."""
-    train, val, max_shift = training_data(run.data, root)
+def train_run(run: Run, data: tuple[Digits, Digits, int], runs_dir: Path,
+              device: torch.device) -> dict:
+    """Train ``run`` on ``data`` (:func:`training_data` of ``run.data``), resuming its folder
+    when it holds a checkpoint, and return its record: the run's settings, its history and the
+    best validation check."""
+    train, val, max_shift = data
     runtime.seed_everything(run.seed)
     model = build_model(run.model, **run.config).to(device)
     run_dir = runs_dir / run.name
     resume = (run_dir / CHECKPOINT_NAME).is_file()
     if run.init == "half-active" and not resume:
-        calibrate_half_active(model, to_float(train.images[:HALF_ACTIVE_IMAGES]).to(device))
+        start_half_active(model, train)
     started = time.perf_counter()
     history = fit(model, build_loss(run.model, **run.loss).to(device), train, val,
                   epochs=run.epochs, batch_size=run.batch_size, lr=run.lr,
@@ -147,10 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     out, record = Path(args.out), {"sweep": args.sweep, "runs": {}}
     if out.is_file():
         record = json.loads(out.read_text())
+    data = {}                                    # training_data of each kind, loaded once
     for run in SWEEPS[args.sweep]():
         if run.name in record["runs"] and finished(run, Path(args.runs_dir)):
             continue
-        record["runs"][run.name] = train_run(run, Path(args.runs_dir), args.data_root, device)
+        if run.data not in data:
+            data[run.data] = training_data(run.data, args.data_root)
+        record["runs"][run.name] = train_run(run, data[run.data], Path(args.runs_dir), device)
         out.write_text(json.dumps(record, indent=1))
         print(f"{run.name}: best validation accuracy "
               f"{record['runs'][run.name]['best_val_accuracy']:.2%}", flush=True)

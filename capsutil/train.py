@@ -46,7 +46,7 @@ from capsutil.checkpoints import (WEIGHTS_SUFFIX, RunDirectoryInUse, claimed_run
                                   export, load_checkpoint, rebuild, save_checkpoint)
 from capsutil.data import Digits, load_mnist, random_shift, split_validation, to_float
 from capsutil.classifier import predict_in_batches
-from capsutil.matrix_init import active_fractions, calibrate_half_active
+from capsutil.matrix_init import start_half_active
 from capsutil.models import MODELS, build_loss, build_model
 from capsutil.multimnist_capsnet import DEFAULT_PAIRS, pair_splits, pairs_of_test_digits
 from capsutil.stats import Accuracy
@@ -54,7 +54,6 @@ from capsutil.stats import Accuracy
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 DIGIT_SHIFT = 2                       # pixels: training digits are shifted by up to this
-HALF_ACTIVE_IMAGES = 256              # training images the half-active start is calibrated on
 RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "max_shift", "seed", "train_size", "val_size",
                "loss")
 
@@ -560,15 +559,13 @@ def main(argv: list[str] | None = None) -> History:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
-def _start_half_active(model: nn.Module, train: Digits, device: torch.device) -> None:
-    """Calibrate a matrix capsule network on the first images of ``train`` (see
-    :func:`capsutil.matrix_init.calibrate_half_active`) and print the shares of active capsules."""
+def _start_half_active(model: nn.Module, train: Digits) -> None:
+    """``--init half-active``: :func:`capsutil.matrix_init.start_half_active`, then one line
+    with the shares of active capsules."""
     if model.model_name != "matrix":
         raise ValueError(f"--init half-active is for the matrix model, not {model.model_name!r}")
-    images = to_float(train.images[:HALF_ACTIVE_IMAGES]).to(device)
-    calibrate_half_active(model, images)
     shares = ", ".join(f"{name} {share:.0%}"
-                       for name, share in active_fractions(model, images).items())
+                       for name, share in start_half_active(model, train).items())
     print(f"half-active start: active capsules {shares}")
 
 
@@ -587,7 +584,7 @@ def _train_and_export(args: argparse.Namespace) -> History:
     model = build_model(args.model, **args.config).to(device)
     loss_fn = build_loss(args.model, **args.loss).to(device)
     if args.init == "half-active" and not args.resume:
-        _start_half_active(model, train, device)
+        _start_half_active(model, train)
     history = fit(model, loss_fn, train, val, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, lr_decay=args.lr_decay, max_shift=0 if pairs else DIGIT_SHIFT,
                   seed=args.seed, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
