@@ -47,3 +47,32 @@ class Accuracy:
         low, high = self.interval
         return (f"{self.value:.2%} (95% CI {100 * low:.2f}-{100 * high:.2f}), "
                 f"{self.errors:,} errors in {self.n:,}")
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two classifiers scored on the same examples: ``only_a`` examples only A gets right,
+    ``only_b`` only B, and the exact McNemar p-value of "A and B are equally accurate" (a
+    two-sided binomial test on the examples where they disagree)."""
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+    def __str__(self) -> str:
+        return (f"right only by A: {self.only_a}, only by B: {self.only_b}; "
+                f"exact McNemar p = {self.p_value:.3g}")
+
+
+def paired_comparison(correct_a, correct_b) -> PairedComparison:
+    """McNemar's exact test of two classifiers on the same examples, from their per-example
+    correctness (two boolean sequences of equal length, e.g. ``predictions == labels``)."""
+    a, b = [bool(x) for x in correct_a], [bool(x) for x in correct_b]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"expected two non-empty sequences of equal length, got {len(a)} and "
+                         f"{len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    disagreements = only_a + only_b
+    p_value = binomtest(only_a, disagreements).pvalue if disagreements else 1.0
+    return PairedComparison(only_a, only_b, float(p_value))

@@ -13,7 +13,9 @@ interrupted sweep resumes where it stopped, and its history goes into one JSON r
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -137,6 +139,23 @@ def finished(run: Run, runs_dir: Path) -> bool:
     return path.is_file() and load_checkpoint(path)["epoch"] >= run.epochs
 
 
+def setting_of(name: str) -> str:
+    """The setting a run belongs to: its name without the seed, ``"base-seed2"`` -> ``"base"``."""
+    return name.rsplit("-seed", 1)[0]
+
+
+def summarise(record: dict) -> dict[str, dict]:
+    """Per setting of a sweep ``record``, in the sweep's order: the seeds' best validation
+    accuracies (``"accuracies"``), their ``"mean"`` and sample standard deviation (``"sd"``,
+    0 for a single seed)."""
+    groups: dict[str, list[float]] = {}
+    for name, entry in record["runs"].items():
+        groups.setdefault(setting_of(name), []).append(entry["best_val_accuracy"])
+    return {setting: dict(accuracies=values, mean=statistics.fmean(values),
+                          sd=statistics.stdev(values) if len(values) > 1 else 0.0)
+            for setting, values in groups.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m capsutil.sweep",
                                      description="Run a sweep of training runs fixed in advance.")
@@ -144,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs-dir", required=True, help="one folder per run goes here")
     parser.add_argument("--out", required=True, help="the JSON record of the sweep")
     parser.add_argument("--data-root", default=None, help="MNIST root (default $CAPSUTIL_DATA)")
+    parser.add_argument("--only", default="*", metavar="PATTERN",
+                        help="run only the runs whose names match this shell pattern, e.g. "
+                             "'*-seed1' (several processes can share a sweep this way)")
     args = parser.parse_args(argv)
     device = runtime.pick_device()
     out, record = Path(args.out), {"sweep": args.sweep, "runs": {}}
@@ -151,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         record = json.loads(out.read_text())
     data = {}                                    # training_data of each kind, loaded once
     for run in SWEEPS[args.sweep]():
+        if not fnmatch.fnmatchcase(run.name, args.only):
+            continue
         if run.name in record["runs"] and finished(run, Path(args.runs_dir)):
             continue
         if run.data not in data:

@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy.stats import beta
 
-from capsutil.stats import Accuracy, accuracy_interval
+from capsutil.stats import Accuracy, accuracy_interval, paired_comparison
 
 
 def test_interval_is_the_clopper_pearson_interval_computed_by_hand():
@@ -36,3 +36,15 @@ def test_accuracy_prints_as_the_book_reports_it():
 def test_interval_rejects_impossible_counts(correct, n, level):
     with pytest.raises(ValueError, match="expected"):
         accuracy_interval(correct, n, level)
+
+
+def test_paired_comparison_is_the_exact_mcnemar_test_computed_by_hand():
+    # 10 examples only A gets right, 2 only B, 88 both: p = 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    a = [True] * 10 + [False] * 2 + [True] * 88
+    b = [False] * 10 + [True] * 2 + [True] * 88
+    result = paired_comparison(a, b)
+    assert (result.only_a, result.only_b) == (10, 2)
+    assert result.p_value == pytest.approx(2 * (1 + 12 + 66) / 2 ** 12)
+    assert paired_comparison(a, a).p_value == 1.0
+    with pytest.raises(ValueError, match="equal length"):
+        paired_comparison(a, b[:-1])

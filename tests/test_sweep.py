@@ -61,3 +61,21 @@ def test_the_fixed_sweeps_vary_one_thing_at_a_time_over_three_seeds():
     assert len(routing) == 12
     assert {(run.config["routing_iterations"], run.loss["reconstruction_scale"])
             for run in routing} == {(1, 0.0005), (1, 0.0), (3, 0.0005), (3, 0.0)}
+
+
+def test_only_runs_the_runs_whose_names_match(tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
+    record = sweep.main(["tiny", "--runs-dir", str(tmp_path / "runs"),
+                         "--out", str(tmp_path / "r.json"), "--only", "cnn-*"])
+    assert list(record["runs"]) == ["cnn-small"]
+
+
+def test_summarise_groups_the_seeds_of_each_setting():
+    record = {"runs": {f"{setting}-seed{seed}": {"best_val_accuracy": value}
+                       for setting, values in (("base", (0.9, 0.8, 1.0)), ("3-iterations", (0.5,)))
+                       for seed, value in enumerate(values)}}
+    summary = sweep.summarise(record)
+    assert list(summary) == ["base", "3-iterations"]
+    assert summary["base"]["mean"] == pytest.approx(0.9)
+    assert summary["base"]["sd"] == pytest.approx(0.1)
+    assert summary["3-iterations"] == dict(accuracies=[0.5], mean=0.5, sd=0.0)
