@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from capsutil import runtime
-from capsutil.affine_mnist import centre
+from capsutil.affine_mnist import centre, expand
 from capsutil.checkpoints import load_checkpoint
 from capsutil.data import Digits, load_mnist, split_validation
 from capsutil.matrix_init import start_half_active
@@ -32,6 +32,7 @@ from capsutil.models import build_loss, build_model
 from capsutil.train import CHECKPOINT_NAME, DIGIT_SHIFT, fit
 
 EXPANDED_SHIFT = 6                   # expanded MNIST: the official code's --shift=6 --pad=6
+EXPANDED_VAL_SEED = 1                # fixed placements of the validation digits
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,13 @@ SWEEPS = {
 
 def training_data(kind: str, root: str | None) -> tuple[Digits, Digits, int]:
     """(train, validation, max_shift) of ``kind``: "mnist" (28x28, shifts of 2 pixels) or
-    "expanded" (40x40 frames, shifts of up to 6 pixels: expanded MNIST)."""
+    "expanded" (training digits centred in 40x40 frames and shifted by up to 6 pixels at each
+    step; validation digits each at a fixed random place in the frame: expanded MNIST)."""
     split = split_validation(load_mnist("train", root))
     if kind == "mnist":
         return split.train, split.val, DIGIT_SHIFT
-    if kind == "expanded":
-        return centre(split.train), centre(split.val), EXPANDED_SHIFT
+    if kind == "expanded":             # validated like the test set: each digit placed at random
+        return centre(split.train), expand(split.val, EXPANDED_VAL_SEED), EXPANDED_SHIFT
     raise ValueError(f"expected data 'mnist' or 'expanded', got {kind!r}")
 
 

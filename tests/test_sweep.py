@@ -47,6 +47,7 @@ def test_expanded_mnist_is_the_digits_centred_in_40_pixels_with_shifts_of_6(tmp_
     assert train.images.shape[1:] == (1, 40, 40) and val.images.shape[1:] == (1, 40, 40)
     assert max_shift == 6
     assert train.images[:, :, :6].sum() == 0 and train.images[:, :, 34:].sum() == 0
+    assert val.images[:, :, :6].sum() > 0          # validation digits placed at random
     with pytest.raises(ValueError, match="expected data"):
         sweep.training_data("affnist", str(tmp_path / "no-data"))
 
