@@ -1,5 +1,6 @@
 """What routing does in a trained network: its coupling coefficients and how accuracy depends on
-the number of routing iterations at test time (chapter 05; Part IV reuses it).
+the number of routing iterations at test time (chapter 05; Part IV reuses it, for CapsNet and for
+matrix capsules).
 
 In Procedure 1 of Sabour et al. (2017) the first iteration uses uniform couplings
 ``c_ij = 1/J``, so ``T = 1`` iteration means **no routing at all**: every child sends the same
@@ -15,32 +16,51 @@ import torch
 from torch import nn
 
 from capsutil.data import Digits
+from capsutil.routing import schedule_ending_at
 from capsutil.stats import Accuracy
 from capsutil.train import evaluate
 
 
-def _routing_layer(model: nn.Module) -> nn.Module:
-    """The layer of ``model`` whose ``iterations`` attribute sets its routing (CapsNet's digits)."""
-    layer = getattr(model, "digits", None)
-    if layer is None or not hasattr(layer, "iterations"):
-        raise ValueError(f"expected a CapsNet (a model with routed digit capsules), "
-                         f"got {type(model).__name__}")
-    return layer
+def _routed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose ``iterations`` attribute sets its routing: CapsNet's digit
+    capsules, or the three EM-routed layers of a matrix capsule network."""
+    names = ("conv_caps1", "conv_caps2", "class_caps") if hasattr(model, "class_caps") \
+        else ("digits",)
+    layers = [getattr(model, name, None) for name in names]
+    if any(layer is None or not hasattr(layer, "iterations") for layer in layers):
+        raise ValueError(f"expected a CapsNet or a MatrixCapsNet (a model with routed capsule "
+                         f"layers), got {type(model).__name__}")
+    return layers
+
+
+def _schedule(model: nn.Module, iterations: int) -> list[float] | None:
+    """The inverse temperatures of EM routing with ``iterations`` iterations: the schedule
+    ending where the model's does when its config fixes the last one, else em_routing's."""
+    last = getattr(model, "config", {}).get("last_inverse_temperature")
+    return schedule_ending_at(iterations, last) if last is not None else None
 
 
 @contextlib.contextmanager
 def routing_iterations(model: nn.Module, iterations: int) -> Iterator[nn.Module]:
     """Run ``model`` with ``iterations`` routing iterations inside the ``with`` block, then
-    restore the number it had. The weights are untouched."""
+    restore the number it had. The weights are untouched. For EM routing the inverse
+    temperatures follow (:func:`_schedule`), ending at the same last value when the model fixes
+    one, so that only the number of iterations changes."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"expected a positive number of routing iterations, got {iterations!r}")
-    layer = _routing_layer(model)
-    trained = layer.iterations
-    layer.iterations = iterations
+    layers = _routed_layers(model)
+    saved = [(layer.iterations, getattr(layer, "inverse_temperatures", None)) for layer in layers]
+    for layer in layers:
+        layer.iterations = iterations
+        if hasattr(layer, "inverse_temperatures"):
+            layer.inverse_temperatures = _schedule(model, iterations)
     try:
         yield model
     finally:
-        layer.iterations = trained
+        for layer, (count, schedule) in zip(layers, saved):
+            layer.iterations = count
+            if hasattr(layer, "inverse_temperatures"):
+                layer.inverse_temperatures = schedule
 
 
 def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:

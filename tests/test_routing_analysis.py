@@ -56,9 +56,24 @@ def test_routing_iterations_rejects_non_positive_counts(iterations):
             pass
 
 
-def test_models_without_routed_digit_capsules_are_refused():
-    with pytest.raises(ValueError, match="expected a CapsNet"):
-        with routing_iterations(MatrixCapsNet(A=8, B=4, C=4, D=4), 2):
+def test_models_without_routed_capsules_are_refused():
+    with pytest.raises(ValueError, match="expected a CapsNet or a MatrixCapsNet"):
+        with routing_iterations(torch.nn.Linear(2, 2), 2):
             pass
     with pytest.raises(ValueError, match=r"expected couplings of shape \(B, I, J\)"):
         coupling_entropy(torch.ones(4, 10))
+
+
+def test_matrix_capsules_route_longer_at_the_same_last_temperature_inside_the_block_only():
+    model = MatrixCapsNet(A=8, B=4, C=4, D=4, iterations=2, last_inverse_temperature=0.1)
+    layers = (model.conv_caps1, model.conv_caps2, model.class_caps)
+    trained = [layer.inverse_temperatures for layer in layers]
+    with routing_iterations(model, 3):
+        for layer in layers:
+            assert layer.iterations == 3 and len(layer.inverse_temperatures) == 3
+            assert layer.inverse_temperatures[-1] == pytest.approx(0.1)
+    assert [layer.iterations for layer in layers] == [2, 2, 2]
+    assert [layer.inverse_temperatures for layer in layers] == trained
+    default = MatrixCapsNet(A=8, B=4, C=4, D=4)           # em_routing's own schedule
+    with routing_iterations(default, 1):
+        assert default.class_caps.inverse_temperatures is None
