@@ -344,3 +344,21 @@ def test_a_page_with_both_explorers_runs_each_asset_once_and_both_respond(traine
         assert_matches_pytorch(state, float_outputs)
         assert mismatch(driver, pose, 0, offsets) <= TOLERANCE           # untouched
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_every_page_of_the_built_book_fits_a_phone_screen():
+    """No page is wider than a 390-px phone viewport (long inline code wraps; figures, tables
+    and explorers stay inside the column or scroll within their own box)."""
+    from capsutil import book
+
+    root = book.chapters()[0].parent.parent
+    pages = ["book/intro.html", "book/setup.html", "book/references.html"] + [
+        str(chapter.relative_to(root).with_suffix(".html")) for chapter in book.chapters()]
+    with chromium() as driver:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+        for relative in pages:
+            driver.get(built_page(relative).as_uri())
+            scroll, client = driver.execute_script(
+                "const e = document.documentElement; return [e.scrollWidth, e.clientWidth];")
+            assert scroll <= client, f"{relative} is {scroll} px wide on a {client}-px phone"

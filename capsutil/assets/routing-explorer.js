@@ -40,13 +40,20 @@
     return "rgb(" + ink.map(c => Math.round(255 - Math.abs(k) * c)).join(",") + ")";
   }
 
+  // A bar's value label: `digits` decimals without the leading zero (".100"), so that ten
+  // labels fit a narrow canvas.
+  const barLabel = (value, digits) => value.toFixed(digits).replace(/^0(?=\.)/, "");
+
   // One bar per value on an axis from 0 to `top`, the value (`digits` decimals) above it and
-  // its index below; bar `dark` dark, and a dashed line at `mark` when given.
+  // its index below; bar `dark` dark, and a dashed line at `mark` when given. The labels'
+  // font shrinks from 10 px when the widest would leave less than 6 px between neighbours.
   function drawBars({context, width, height}, values, dark, top, digits, mark) {
     const above = 16, below = 16, plot = height - above - below;
     const slot = width / values.length, bar = 0.64 * slot, y = v => above + plot * (1 - v / top);
     context.clearRect(0, 0, width, height);
     context.font = FONT;
+    const widest = Math.max(...values.map(v => context.measureText(barLabel(v, digits)).width));
+    context.font = Math.min(10, Math.floor(10 * (slot - 6) / widest)) + "px system-ui, sans-serif";
     context.textAlign = "center";
     context.textBaseline = "alphabetic";
     values.forEach((value, j) => {
@@ -54,7 +61,7 @@
       context.fillStyle = j === dark ? DARK : LIGHT;
       context.fillRect(x, level, bar, above + plot - level);
       context.fillStyle = INK;
-      context.fillText(value.toFixed(digits), x + bar / 2, level - 3);
+      context.fillText(barLabel(value, digits), x + bar / 2, level - 3);
       context.fillText(String(j), x + bar / 2, height - 3);
     });
     context.fillRect(0, above + plot, width, 1);
