@@ -18,6 +18,8 @@ from torch import nn
 
 QUICK_ENV = "CAPSUTIL_QUICK"
 
+PRINT_WIDTH = 80                     # the book's column: printed records fold to it
+
 
 def is_quick() -> bool:
     """True when ``CAPSUTIL_QUICK`` is set to 1/true/yes (the test configuration sets it)."""
@@ -92,14 +94,28 @@ def provenance(*, n_train: int, n_test: int, device: torch.device | str, epochs:
     """Print and return the one-line record every training chapter shows under its results.
 
     ``device`` is the device that trained, or for a recorded run the description saved with it
-    (a string such as an exported model's ``metrics["trained_on"]``), printed as it is.
+    (a string such as an exported model's ``metrics["trained_on"]``), printed as it is. The
+    record is returned as one line and printed folded (:func:`fold`) to the book's column.
     """
     where = device if isinstance(device, str) else describe_device(device)
     val = f"val {n_val:,} | " if n_val is not None else ""
     line = (f"provenance: mode {mode()} | data {data} | train {n_train:,} | {val}test {n_test:,} | "
             f"device {where} | epochs {epochs:g} | wall time {seconds:,.1f} s")
-    print(line)
+    print(fold(line))
     return line
+
+
+def fold(line: str, width: int = PRINT_WIDTH, separator: str = " | ") -> str:
+    """``line`` broken before its ``separator``s into lines of at most ``width`` characters
+    where the parts allow it; continuation lines start with two spaces and the separator."""
+    parts = line.split(separator)
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + len(separator) + len(part) <= width:
+            lines[-1] += separator + part
+        else:
+            lines.append("  " + separator.lstrip() + part)
+    return "\n".join(lines)
 
 
 def keep_freed_memory() -> bool:

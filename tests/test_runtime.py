@@ -37,10 +37,18 @@ def test_setup_rejects_a_non_integer_seed():
 def test_provenance_line_names_mode_sizes_device_epochs_and_time(capsys):
     line = capsutil.provenance(n_train=60_000, n_test=10_000, device=torch.device("cpu"),
                                epochs=2, seconds=12.345, data="MNIST")
-    assert capsys.readouterr().out.strip() == line
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert " ".join(p.strip() for p in printed) == line         # the record, folded
+    assert all(len(p) <= 80 for p in printed) and printed[0].startswith("provenance: ")
     for part in ("mode quick", "data MNIST", "train 60,000", "test 10,000", "device cpu",
                  "epochs 2", "wall time 12.3 s"):
         assert part in line
+
+
+def test_fold_breaks_only_at_separators_and_keeps_short_lines_whole():
+    assert runtime.fold("a | b | c", width=80) == "a | b | c"
+    assert runtime.fold("aaaa | bbbb | cccc", width=11) == "aaaa | bbbb\n  | cccc"
+    assert runtime.fold("x" * 90, width=80) == "x" * 90           # no separator to break at
 
 
 def test_provenance_prints_a_recorded_device_description_as_it_is():

@@ -256,7 +256,7 @@ def test_command_line_trains_checkpoints_resumes_and_prints_provenance(tmp_path,
             "--data-root", str(tmp_path / "no-data"), "--eager", "--max-steps"]
     train.main(args + ["1"])
     train.main(args + ["2", "--resume"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.replace("\n  | ", " | ")     # the records, unfolded
     assert out.count("provenance: mode") == 2
     assert "train 4,583 | val 417 | test 0" in out and "epochs 0.00174" in out
     assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
