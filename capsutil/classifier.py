@@ -5,6 +5,8 @@ A model here takes float images (B, C, H, W) in [0, 1] and returns an output obj
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -22,6 +24,17 @@ def check_images(images: torch.Tensor, channels: int, size: int) -> None:
     if not images.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got {images.dtype}; "
                          f"convert with capsutil.data.to_float")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the ``with`` block; its training/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -44,13 +57,9 @@ def predict_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int =
     if len(images) == 0:
         return torch.empty(0, dtype=torch.int64)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return torch.cat([model(prepare(chunk).to(device)).predictions.cpu()
                           for chunk in images.split(batch_size)])                 # (N,)
-    finally:
-        model.train(was_training)
 
 
 def check_pixels(images: torch.Tensor) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capsutil.classifier import eval_mode
 from capsutil.layers import Decoder
 
 PAYLOAD_FORMAT = "capsutil-pose-explorer/1"
@@ -80,17 +81,13 @@ def predicted_capsules(model: nn.Module, images: torch.Tensor,
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got {got}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        poses, classes = [], []
+    poses, classes = [], []
+    with eval_mode(model):
         for chunk in images.split(batch_size):
             output = model(chunk.to(device))
             index = output.predictions                                  # (B,)
             poses.append(output.poses[torch.arange(len(index), device=device), index])  # (B, E)
             classes.append(index)
-    finally:
-        model.train(was_training)
     return torch.cat(poses).to(images.device), torch.cat(classes).to(images.device)
 
 

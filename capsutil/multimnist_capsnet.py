@@ -43,7 +43,8 @@ DEFAULT_PAIRS = 60_000          # training pairs drawn for a run
 PAIR_SEEDS = {"val": 1, "test": 2}   # fixed: every training run is scored on the same pairs
 
 
-def _shape(value) -> str:
+def describe_shape(value) -> str:
+    """The shape of a tensor as printed in error messages, else the type of what came."""
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
@@ -56,7 +57,7 @@ def check_pair_labels(labels: torch.Tensor, n_classes: int,
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != DIGITS:
         raise ValueError(f"expected labels of shape (B, 2), the classes of the two digits of "
-                         f"each image, got {_shape(labels)}")
+                         f"each image, got {describe_shape(labels)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"expected integer class labels, got {labels.dtype}")
     if batch is not None and labels.shape[0] != batch:
@@ -91,7 +92,7 @@ def pair_margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float 
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 2 \
             or not lengths.is_floating_point() or lengths.shape[0] == 0:
         raise ValueError(f"expected float capsule lengths of shape (B, K) with B >= 1, got "
-                         f"{_shape(lengths)}")
+                         f"{describe_shape(lengths)}")
     labels = check_pair_labels(labels, lengths.shape[1], lengths.shape[0])   # (B, 2)
     present = torch.zeros_like(lengths).scatter_(1, labels, 1.0)            # (B, K) T_k
     loss_present = present * torch.relu(m_plus - lengths) ** 2               # (B, K)
@@ -200,7 +201,7 @@ class MultiDigitLoss(CapsNetLoss):
         if not isinstance(layers, torch.Tensor) or layers.dim() < 3 \
                 or (*layers.shape[:2], layers[0, 0].numel()) != expected:
             raise ValueError(f"expected layers of shape ({batch}, 2, 1, H, W) with H*W = "
-                             f"{expected[2]}, one image per digit, got {_shape(layers)}")
+                             f"{expected[2]}, one image per digit, got {describe_shape(layers)}")
         if not layers.is_floating_point():
             raise ValueError(f"expected float layers in [0, 1], got {layers.dtype}; convert "
                              f"with capsutil.data.to_float")
@@ -241,15 +242,15 @@ class PairDigits:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 1 \
                 or images.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images of shape (N, 1, H, W), got "
-                             f"{_shape(images)}")
+                             f"{describe_shape(images)}")
         n, size = images.shape[0], tuple(images.shape[2:])
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-            raise ValueError(f"expected int64 labels of shape ({n}, 2), got {_shape(labels)}")
+            raise ValueError(f"expected int64 labels of shape ({n}, 2), got {describe_shape(labels)}")
         check_pair_labels(labels, CLASSES, n)
         if not isinstance(layers, torch.Tensor) or layers.dtype != torch.uint8 \
                 or tuple(layers.shape) != (n, DIGITS, 1, *size):
             raise ValueError(f"expected uint8 layers of shape ({n}, 2, 1, {size[0]}, "
-                             f"{size[1]}), got {_shape(layers)}")
+                             f"{size[1]}), got {describe_shape(layers)}")
         unsorted = labels[:, 0] > labels[:, 1]
         if bool(unsorted.any()):
             first = int(unsorted.nonzero()[0])
@@ -341,7 +342,7 @@ def evaluate_pairs(model: nn.Module, pairs: PairDigits | MultiDigits,
     if not isinstance(images, torch.Tensor) or images.dim() != 4 \
             or images.dtype != torch.uint8 or len(images) == 0:
         raise ValueError(f"expected pairs with uint8 images of shape (N, 1, H, W), N >= 1, "
-                         f"got {_shape(images)}")
+                         f"got {describe_shape(images)}")
     labels = check_pair_labels(labels, CLASSES, len(images)).sort(dim=1).values    # (N, 2)
     predictions = predict_in_batches(model, images, batch_size, prepare=to_float)  # (N, 2)
     if tuple(predictions.shape) != tuple(labels.shape):

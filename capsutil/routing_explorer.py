@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from capsutil.classifier import check_images, check_pixels
+from capsutil.classifier import check_images, check_pixels, eval_mode
 from capsutil.explorer import (MAX_PAGE_BYTES, as_uint8_images, asset_scripts, asset_text,
                                check_element_id, decoder_layers, find_payload, pack_arrays,
                                payload_script, unpack_arrays)
@@ -249,13 +249,9 @@ def primary_capsules(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     check_pixels(images)
     if len(images) == 0:
         raise ValueError("expected at least one image, got 0")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x = model.model_input(images.to(next(model.parameters()).device))
         return model.primary(torch.relu(model.conv1(x))).float().cpu()      # (N, I, D)
-    finally:
-        model.train(was_training)
 
 
 def _half_columns(first: torch.Tensor, classes: np.ndarray, caps: int) -> np.ndarray:

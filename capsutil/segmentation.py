@@ -22,15 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from capsutil.classifier import check_batch_size, eval_mode
 from capsutil.data import to_float
-from capsutil.multimnist_capsnet import DIGITS, check_pair_labels
+from capsutil.multimnist_capsnet import DIGITS, check_pair_labels, describe_shape
 
 INK = 0.5                                # a pixel is ink above this (after dividing by 255)
 COLOURS = ((0.85, 0.15, 0.1), (0.1, 0.45, 0.9))   # RGB of digit 0 (red) and digit 1 (blue)
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _check_drawings(reconstructions: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,7 @@ def _check_drawings(reconstructions: torch.Tensor) -> torch.Tensor:
     if not isinstance(reconstructions, torch.Tensor) or reconstructions.dim() != 4 \
             or reconstructions.shape[1] != DIGITS or not reconstructions.is_floating_point():
         raise ValueError(f"expected float reconstructions of shape (N, 2, H, W), one drawing "
-                         f"per digit, got {_shape(reconstructions)}"
+                         f"per digit, got {describe_shape(reconstructions)}"
                          + (f" of {reconstructions.dtype}"
                             if isinstance(reconstructions, torch.Tensor) else ""))
     return reconstructions
@@ -65,21 +62,16 @@ def reconstruct_each(model: nn.Module, images: torch.Tensor, classes: torch.Tens
     if not isinstance(images, torch.Tensor) or images.dim() != 4 \
             or tuple(images.shape[1:]) != (1, size, size) or images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images of shape (N, 1, {size}, {size}), got "
-                         f"{_shape(images)}"
+                         f"{describe_shape(images)}"
                          + (f" of {images.dtype}" if isinstance(images, torch.Tensor) else ""))
     classes = check_pair_labels(classes, model.config["classes"], len(images))   # (N, 2)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
+    check_batch_size(batch_size)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        drawings = []
+    drawings = []
+    with eval_mode(model):
         for chunk, pair in zip(images.split(batch_size), classes.split(batch_size)):
             poses = model(to_float(chunk).to(device)).poses                  # (B, K, E)
             drawings.append(model.reconstruct(poses, pair.to(device)).cpu())  # (B, 2, H*W)
-    finally:
-        model.train(was_training)
     if not drawings:
         return torch.empty(0, DIGITS, size, size)
     return torch.cat(drawings).float().view(-1, DIGITS, size, size)          # (N, 2, H, W)
@@ -103,7 +95,7 @@ def _layers_as_float(layers: torch.Tensor, expected: tuple[int, ...]) -> torch.T
     n, _, h, w = expected
     if not isinstance(layers, torch.Tensor) or tuple(layers.shape) != (n, DIGITS, 1, h, w):
         raise ValueError(f"expected layers of shape ({n}, 2, 1, {h}, {w}), each digit alone "
-                         f"in the order of the reconstructions, got {_shape(layers)}")
+                         f"in the order of the reconstructions, got {describe_shape(layers)}")
     layers = to_float(layers) if layers.dtype == torch.uint8 else layers.float()
     return layers[:, :, 0]                                                  # (N, 2, H, W)
 
