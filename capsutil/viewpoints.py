@@ -80,12 +80,14 @@ def accuracy(scored: dict) -> Accuracy:
     return Accuracy(scored["correct"], scored["n"])
 
 
-def load_best(run_dir: str | Path, device: torch.device | None = None) -> nn.Module:
-    """The model of a training run's best validation check (``run_dir/best.pt``), in eval mode."""
+def load_best(run_dir: str | Path,
+              device: torch.device | None = None) -> tuple[nn.Module, dict]:
+    """The model of a training run's best validation check (``run_dir/best.pt``), in eval mode,
+    and which check it is (:func:`capsutil.train.load_selected`'s record of it)."""
     best = load_checkpoint(Path(run_dir) / BEST_NAME)
     model = build_model(best["model"], **best["config"])
-    load_selected(model, run_dir, "best")
-    return model.to(device or torch.device("cpu")).eval()
+    selected = load_selected(model, run_dir, "best")
+    return model.to(device or torch.device("cpu")).eval(), selected
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,12 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = pick_device()
     try:
-        model = load_best(args.run_dir, device)
+        model, selected = load_best(args.run_dir, device)
         record = viewpoint_record(model, load_mnist("test", args.data_root))
     except (ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     record.update(run_dir=str(args.run_dir), scored_on=describe_device(device),
-                  selected=load_checkpoint(Path(args.run_dir) / BEST_NAME)["epoch"])
+                  selected=selected["epoch"])
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"{args.run_dir}: expanded-MNIST test {accuracy(record['expanded_test'])}; "
           f"affNIST-style {accuracy(record['affnist_style'])}")
