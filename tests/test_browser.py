@@ -346,19 +346,35 @@ def test_a_page_with_both_explorers_runs_each_asset_once_and_both_respond(traine
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def test_every_page_of_the_built_book_fits_a_phone_screen():
-    """No page is wider than a 390-px phone viewport (long inline code wraps; figures, tables
-    and explorers stay inside the column or scroll within their own box)."""
+def _book_pages() -> list[str]:
+    """The built book's pages, relative to its html folder: the prose pages and the chapters."""
     from capsutil import book
 
     root = book.chapters()[0].parent.parent
-    pages = ["book/intro.html", "book/setup.html", "book/references.html"] + [
+    return ["book/intro.html", "book/setup.html", "book/references.html"] + [
         str(chapter.relative_to(root).with_suffix(".html")) for chapter in book.chapters()]
+
+
+def test_every_page_of_the_built_book_fits_a_phone_screen():
+    """No page is wider than a 390-px phone viewport (long inline code wraps; figures, tables
+    and explorers stay inside the column or scroll within their own box)."""
     with chromium() as driver:
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
             "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
-        for relative in pages:
+        for relative in _book_pages():
             driver.get(built_page(relative).as_uri())
             scroll, client = driver.execute_script(
                 "const e = document.documentElement; return [e.scrollWidth, e.clientWidth];")
             assert scroll <= client, f"{relative} is {scroll} px wide on a {client}-px phone"
+
+
+def test_code_of_80_columns_fits_the_desktop_column_without_a_scroll_bar():
+    """At 1280 px every code cell (lines of at most 80 characters) shows whole."""
+    with chromium(1280, 1000) as driver:
+        for relative in _book_pages():
+            driver.get(built_page(relative).as_uri())
+            scrolling = driver.execute_script(
+                "return Array.from(document.querySelectorAll('div.cell_input pre'))"
+                "  .filter(p => p.scrollWidth > p.clientWidth + 1)"
+                "  .map(p => p.textContent.split('\\n')[0]);")
+            assert scrolling == [], f"{relative}: code cells scroll sideways: {scrolling[:3]}"
