@@ -13,7 +13,8 @@ optimiser, schedule and validation selection as the capsule network they face.
   parameters.
 
 Both return a :class:`BaselineOutput` (logits and predictions) and train with
-:class:`CrossEntropy`.
+:class:`CrossEntropy`. The MultiMNIST baseline, which names two classes per image, lives in
+:mod:`capsutil.multimnist_baseline`.
 """
 from __future__ import annotations
 
@@ -85,18 +86,19 @@ class _ConvBaseline(ImageClassifier):
 
 
 class CapsNetBaseline(_ConvBaseline):
-    """CapsNet's Conv1 and primary convolution, then ``hidden`` fully connected units and the
-    classes (labels are accepted, and unused, for the training loop)."""
+    """CapsNet's Conv1 and primary convolution (``conv_channels`` kernels each), then ``hidden``
+    fully connected units and the classes (labels are accepted, and unused, for the training
+    loop)."""
 
     model_name = "cnn_capsnet"
     compiled_parts = ()
 
     def __init__(self, image_size: int = 28, in_channels: int = 1, classes: int = 10,
-                 hidden: int = 313):
+                 hidden: int = 313, conv_channels: int = 256):
         self.config = dict(image_size=image_size, in_channels=in_channels, classes=classes,
-                           hidden=hidden)
-        super().__init__(image_size, in_channels, classes,
-                         convs=[(256, 9, 1, 0), (256, 9, 2, 0)], hidden=[hidden])
+                           hidden=hidden, conv_channels=conv_channels)
+        super().__init__(image_size, in_channels, classes, hidden=[hidden],
+                         convs=[(conv_channels, 9, 1, 0), (conv_channels, 9, 2, 0)])
 
 
 class SmallBaseline(_ConvBaseline):

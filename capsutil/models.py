@@ -234,12 +234,14 @@ class Entry:
 
 
 from capsutil.multimnist_capsnet import MultiCapsNet, MultiDigitLoss  # noqa: E402 (needs CapsNet)
+from capsutil.multimnist_baseline import MultiDigitBaseline, PairCrossEntropy  # noqa: E402
 
 MODELS: dict[str, Entry] = {"capsnet": Entry(CapsNet, CapsNetLoss),
                            "capsnet_multi": Entry(MultiCapsNet, MultiDigitLoss),
                            "matrix": Entry(MatrixCapsNet, SpreadLoss),
                            "cnn_capsnet": Entry(CapsNetBaseline, CrossEntropy),
-                           "cnn_small": Entry(SmallBaseline, CrossEntropy)}
+                           "cnn_small": Entry(SmallBaseline, CrossEntropy),
+                           "cnn_multi": Entry(MultiDigitBaseline, PairCrossEntropy)}
 
 
 def _entry(name: str) -> Entry:
