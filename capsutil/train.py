@@ -297,6 +297,7 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
     sums = dict(loss=0.0, correct=0, seen=0, seconds=0.0)       # running sums of the epoch
     epoch_start_rng = generator.get_state()
     saved_step = None                                 # the step of the last checkpoint written
+    trained_on = []                  # the devices of the run's earlier stretches, oldest first
     if resume:
         checkpoint = load_checkpoint(path, map_location=device)
         _check_resumable(checkpoint, path, model, recipe)
@@ -312,12 +313,19 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
         epoch, step, batch, sums = (checkpoint["epoch"], checkpoint["step"], checkpoint["batch"],
                                     checkpoint["sums"])
         saved_step = step
+        trained_on = list(checkpoint.get("trained_on", []))
         if epochs < epoch + (batch > 0):
             raise ValueError(f"checkpoint {path} is already {epoch} epochs and {batch} batches "
                              f"in; ask for at least {epoch + (batch > 0)} epochs")
     if compile:
         runtime.compile_model(model)
     n_batches = math.ceil(len(train) / batch_size)
+    here, first_step = runtime.describe_device(device), step
+
+    def devices() -> list[str]:
+        """Every device that trained this run so far, this one once it has taken a step."""
+        trained_here = step > first_step and here not in trained_on
+        return trained_on + [here] if trained_here else trained_on
 
     def save() -> None:
         nonlocal saved_step
@@ -329,7 +337,7 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
                 loss_state=loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
                 torch_rng=torch.get_rng_state(), generator_rng=generator.get_state(),
                 epoch_start_rng=epoch_start_rng, history=asdict(history), recipe=recipe,
-                epoch=epoch, step=step, batch=batch, sums=sums), path)
+                epoch=epoch, step=step, batch=batch, sums=sums, trained_on=devices()), path)
             saved_step = step
 
     def validate() -> float:
@@ -426,8 +434,9 @@ def load_selected(model: nn.Module, run_dir: str | os.PathLike, select: str = "b
         return dict(select="last", step=last["step"], epoch=last["step"] / n_batches,
                     val_accuracy=history.val_check[-1] if checked else None)
     if not (run_dir / BEST_NAME).is_file():
-        raise FileNotFoundError(f"{run_dir / BEST_NAME} not found: the run was trained without "
-                                f"a validation set; select the last weights instead")
+        raise FileNotFoundError(f"{run_dir / BEST_NAME} not found: no validation check has run "
+                                f"yet, or the run has no validation set; train on, or select "
+                                f"the last weights instead")
     best = load_checkpoint(run_dir / BEST_NAME)
     if best["config"] != getattr(model, "config", None):
         raise ValueError(f"{run_dir / BEST_NAME} holds config {best['config']}, "
@@ -569,6 +578,12 @@ def _start_half_active(model: nn.Module, train: Digits) -> None:
     print(f"half-active start: active capsules {shares}")
 
 
+def _trained_on(checkpoint: dict, device: torch.device) -> str:
+    """The devices a run was trained on, as its checkpoint lists them; for a checkpoint written
+    before they were listed, the device of this process."""
+    return "; ".join(checkpoint.get("trained_on") or [runtime.describe_device(device)])
+
+
 def _train_and_export(args: argparse.Namespace) -> History:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -603,7 +618,7 @@ def _train_and_export(args: argparse.Namespace) -> History:
         selected = load_selected(model, args.run_dir, args.select)
         json_path, score = export_run(
             model, history, dict(checkpoint["recipe"], init=args.init), test, args.export,
-            trained_on=runtime.describe_device(device), selected=selected,
+            trained_on=_trained_on(checkpoint, device), selected=selected,
             split=split.record() if split is not None else None)
         print(f"selected: {args.select} weights, epoch {selected['epoch']:g}; "
               f"test set, scored once: {score}")

@@ -347,3 +347,18 @@ def test_command_line_half_active_start_prints_the_shares_of_active_capsules(tmp
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("half-active"))
     shares = [int(part.split()[-1].rstrip("%")) for part in line.split(": ", 1)[1].split(", ")]
     assert len(shares) == 4 and all(30 <= share <= 70 for share in shares[1:])
+
+
+def test_the_checkpoint_lists_each_device_that_trained_the_run(sample, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _run(sample, tmp_path, max_steps=2)
+        one = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")["trained_on"]
+        torch.set_num_threads(2)
+        _run(sample, tmp_path, resume=True)
+    finally:
+        torch.set_num_threads(before)
+    both = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")["trained_on"]
+    assert len(one) == 1 and one[0].startswith("cpu (1 thread,")
+    assert both[0] == one[0] and "2 threads," in both[1] and len(both) == 2
