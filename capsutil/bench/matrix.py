@@ -2,14 +2,15 @@
 
 For the small configuration (A=64, B=8, C=D=16) and the paper's (A=B=C=D=32), one training step
 as in ``capsutil.train.fit``: forward with EM routing (``--iterations``, 3 by default), spread
-loss, backward and an Adam update, at ``--batch-size`` (32) in float32, with the capsule layers
-compiled as in training (``--eager`` turns that off), on the padded geometry the book trains
-(``--conv1-padding`` 1). Each configuration runs in a fresh Python process. Prints one line per
-configuration: the median throughput in images/s over the timed steps, and the training step's
-own peak memory: the most tensor memory alive at once during one more step (parameters, Adam's
-state, activations and gradients), read from PyTorch's profiler memory timeline. The process's
-peak resident set size follows in brackets; it also holds PyTorch's libraries and the
-compilation, and changes with the installed PyTorch build.
+loss, backward and an Adam update, at ``--batch-size`` (32) in float32, on the padded geometry
+the book trains (``--conv1-padding`` 1). The capsule layers run as in training: compiled where
+the model lists compiled parts (``MatrixCapsNet`` lists none, so they run eager, and the printed
+line says so; ``--eager`` forces it). Each configuration runs in a fresh Python process. Prints
+one line per configuration: the median throughput in images/s over the timed steps, and the
+training step's own peak memory: the most tensor memory alive at once during one more step
+(parameters, Adam's state, activations and gradients), read from PyTorch's profiler memory
+timeline. The process's peak resident set size follows in brackets; it also holds PyTorch's
+libraries and the compilation, and changes with the installed PyTorch build.
 """
 from __future__ import annotations
 
