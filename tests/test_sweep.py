@@ -80,3 +80,26 @@ def test_summarise_groups_the_seeds_of_each_setting():
     assert summary["base"]["mean"] == pytest.approx(0.9)
     assert summary["base"]["sd"] == pytest.approx(0.1)
     assert summary["3-iterations"] == dict(accuracies=[0.5], mean=0.5, sd=0.0)
+
+
+def test_a_run_checkpoints_at_its_own_cadence(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
+    run = Run("cnn-small", "cnn_small", epochs=1, batch_size=256, checkpoint_every=3)
+    calls = []
+    real_fit = sweep.fit
+
+    def recording_fit(*args, **kwargs):
+        calls.append(kwargs["checkpoint_every"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit", recording_fit)
+    data = sweep.training_data("mnist", None)
+    entry = sweep.train_run(run, data, tmp_path, sweep.runtime.pick_device())
+    assert calls == [3] and entry["checkpoint_every"] == 3
+
+
+def test_the_long_expanded_runs_checkpoint_within_each_epoch():
+    steps_per_epoch = 55_000 // 128
+    for run in sweep.SWEEPS["expanded"]():
+        assert run.data == "expanded" and run.config == {"image_size": 40}
+        assert run.checkpoint_every is not None and run.checkpoint_every < steps_per_epoch
