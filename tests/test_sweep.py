@@ -82,24 +82,36 @@ def test_summarise_groups_the_seeds_of_each_setting():
     assert summary["3-iterations"] == dict(accuracies=[0.5], mean=0.5, sd=0.0)
 
 
-def test_a_run_checkpoints_at_its_own_cadence(tmp_path, monkeypatch):
+def test_a_run_checkpoints_validates_and_stops_at_its_own_cadence(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
-    run = Run("cnn-small", "cnn_small", epochs=1, batch_size=256, checkpoint_every=3)
+    run = Run("cnn-small", "cnn_small", epochs=1, batch_size=64, checkpoint_every=3,
+              max_steps=4, val_every=2)
     calls = []
     real_fit = sweep.fit
 
     def recording_fit(*args, **kwargs):
-        calls.append(kwargs["checkpoint_every"])
+        calls.append({key: kwargs[key] for key in ("checkpoint_every", "max_steps",
+                                                   "val_every")})
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sweep, "fit", recording_fit)
     data = sweep.training_data("mnist", None)
+    assert not sweep.finished(run, tmp_path)
     entry = sweep.train_run(run, data, tmp_path, sweep.runtime.pick_device())
-    assert calls == [3] and entry["checkpoint_every"] == 3
+    assert calls == [dict(checkpoint_every=3, max_steps=4, val_every=2)]
+    assert entry["checkpoint_every"] == 3 and entry["max_steps"] == 4
+    assert entry["history"]["val_step"] == [2, 4]          # checked every 2 steps, stopped at 4
+    assert entry["history"]["seconds"] == []               # no epoch finished, yet timed:
+    assert 0 < entry["seconds"] <= entry["seconds_this_call"]
+    assert sweep.finished(run, tmp_path)                   # 4 steps: less than an epoch
 
 
-def test_the_long_expanded_runs_checkpoint_within_each_epoch():
+def test_the_long_expanded_runs_share_a_budget_shorter_than_an_epoch():
     steps_per_epoch = 55_000 // 128
-    for run in sweep.SWEEPS["expanded"]():
+    runs = sweep.SWEEPS["expanded"]()
+    assert [run.model for run in runs] == ["capsnet", "cnn_capsnet"]
+    for run in runs:
         assert run.data == "expanded" and run.config == {"image_size": 40}
-        assert run.checkpoint_every is not None and run.checkpoint_every < steps_per_epoch
+        assert run.max_steps == runs[0].max_steps < steps_per_epoch
+        assert run.max_steps % run.val_every == 0          # the last step is checked
+        assert run.checkpoint_every is not None and run.checkpoint_every < run.val_every

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from capsutil import viewpoints
+from capsutil.checkpoints import load_checkpoint
 from capsutil.data import load_sample
 from capsutil.models import build_loss, build_model
 from capsutil.sweep import training_data
@@ -41,6 +42,14 @@ def test_the_record_scores_every_set_on_every_test_digit(tiny_run):
     assert rotation["scores"][0] == record["families"]["translation"]["scores"][0]
 
 
+def test_the_curves_score_the_first_digits_asked_for(tiny_run):
+    test = load_sample("test")
+    record = viewpoints.viewpoint_record(tiny_run[0], test, SMALL, family_digits=100)
+    assert record["expanded_test"]["n"] == len(test) > 100
+    assert all(s["n"] == 100 for family in record["families"].values()
+               for s in family["scores"])
+
+
 def test_the_sets_are_the_same_for_every_model(tiny_run):
     model, _ = tiny_run
     test = load_sample("test")
@@ -56,10 +65,12 @@ def test_unknown_families_are_named(tiny_run):
 def test_the_command_line_scores_the_best_check(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
     monkeypatch.setattr(viewpoints, "MAGNITUDES", SMALL)
-    monkeypatch.setattr(viewpoints.viewpoint_record, "__defaults__", (SMALL,))
+    monkeypatch.setattr(viewpoints.viewpoint_record, "__defaults__", (SMALL, 1000))
     out = tmp_path / "record.json"
     record = viewpoints.main([str(tiny_run[1]), "--out", str(out)])
     assert json.loads(out.read_text()) == record and record["selected"] == 1
+    best = load_checkpoint(tiny_run[1] / "best.pt")
+    assert record["selected_step"] == best["step"] > 0
     assert "affNIST-style" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         viewpoints.main([str(tmp_path / "missing"), "--out", str(out)])
