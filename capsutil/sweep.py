@@ -29,7 +29,7 @@ from capsutil.checkpoints import load_checkpoint
 from capsutil.data import Digits, load_mnist, split_validation
 from capsutil.matrix_init import start_half_active
 from capsutil.models import build_loss, build_model
-from capsutil.train import CHECKPOINT_NAME, DIGIT_SHIFT, History, fit
+from capsutil.train import CHECKPOINT_NAME, DIGIT_SHIFT, History, fit, schedule_complete
 
 EXPANDED_SHIFT = 6                   # expanded MNIST: the official code's --shift=6 --pad=6
 EXPANDED_VAL_SEED = 1                # fixed placements of the validation digits
@@ -158,8 +158,8 @@ def finished(run: Run, runs_dir: Path) -> bool:
     if not path.is_file():
         return False
     checkpoint = load_checkpoint(path)
-    return checkpoint["epoch"] >= run.epochs or (run.max_steps is not None
-                                                 and checkpoint["step"] >= run.max_steps)
+    return schedule_complete(checkpoint["epoch"], checkpoint["step"], run.epochs,
+                             run.max_steps)
 
 
 def setting_of(name: str) -> str:

@@ -225,6 +225,11 @@ def _kept(path: Path | None, saved_step: int | None) -> str:
     return f"the last good checkpoint {path} (step {saved_step}) is untouched"
 
 
+def schedule_complete(epoch: int, step: int, epochs: int, max_steps: int | None) -> bool:
+    """True when a run has trained all its ``epochs`` or reached its ``max_steps`` budget."""
+    return epoch >= epochs or (max_steps is not None and step >= max_steps)
+
+
 def fit(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | None = None, *,
         epochs: int, batch_size: int = 128, lr: float = 1e-3, lr_decay: float = 0.9,
         max_shift: int = DIGIT_SHIFT, seed: int = 0, run_dir: str | os.PathLike | None = None,
@@ -353,7 +358,7 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
         return accuracy
 
     model.train()
-    while epoch < epochs and (max_steps is None or step < max_steps):
+    while not schedule_complete(epoch, step, epochs, max_steps):
         if batch == 0:
             epoch_start_rng = generator.get_state()
         order = _epoch_order(generator, epoch_start_rng, len(train), mid_epoch=batch > 0)
