@@ -388,7 +388,7 @@ def _train(model: nn.Module, loss_fn: nn.Module, train: Digits, val: Digits | No
                 break                       # the end of an epoch is validated and saved below
             if val is not None and val_every and step % val_every == 0:
                 validate()
-            stop = max_steps is not None and step >= max_steps
+            stop = schedule_complete(epoch, step, epochs, max_steps)
             if stop or (checkpoint_every and step % checkpoint_every == 0):
                 sums["seconds"] = time.perf_counter() - started
                 save()
