@@ -60,11 +60,14 @@ def _scored(model: nn.Module, digits: Digits, with_mask: bool = False) -> dict:
 
 
 def viewpoint_record(model: nn.Module, test: Digits,
-                     magnitudes: dict[str, tuple] = MAGNITUDES,
-                     family_digits: int = FAMILY_DIGITS) -> dict:
+                     magnitudes: dict[str, tuple] | None = None,
+                     family_digits: int | None = None) -> dict:
     """Scores of ``model`` (a classifier of 40x40 images) on the sets above, made from the
     28x28 ``test`` digits (the curves from the first ``family_digits`` of them); see the
-    module's docstring for the layout."""
+    module's docstring for the layout. Left out, ``magnitudes`` and ``family_digits`` are the
+    module's ``MAGNITUDES`` and ``FAMILY_DIGITS``."""
+    magnitudes = MAGNITUDES if magnitudes is None else magnitudes
+    family_digits = FAMILY_DIGITS if family_digits is None else family_digits
     unknown = sorted(set(magnitudes) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown transformation families {unknown}; expected some of "

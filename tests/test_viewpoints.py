@@ -65,8 +65,6 @@ def test_unknown_families_are_named(tiny_run):
 def test_the_command_line_scores_the_best_check(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPSUTIL_DATA", str(tmp_path / "no-data"))
     monkeypatch.setattr(viewpoints, "MAGNITUDES", SMALL)
-    monkeypatch.setattr(viewpoints.viewpoint_record, "__defaults__",
-                        (SMALL, viewpoints.FAMILY_DIGITS))
     out = tmp_path / "record.json"
     record = viewpoints.main([str(tiny_run[1]), "--out", str(out)])
     assert json.loads(out.read_text()) == record and record["selected"] == 1
