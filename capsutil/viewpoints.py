@@ -90,6 +90,13 @@ def accuracy(scored: dict) -> Accuracy:
     return Accuracy(scored["correct"], scored["n"])
 
 
+def right_mask(scored: dict) -> torch.Tensor:
+    """Which digits were right, bool (N,) in test-file order, from a whole set's score in a
+    :func:`viewpoint_record` (its ``"right"`` string), for
+    :func:`capsutil.stats.paired_comparison`."""
+    return torch.tensor([flag == "1" for flag in scored["right"]])
+
+
 def load_best(run_dir: str | Path,
               device: torch.device | None = None) -> tuple[nn.Module, dict]:
     """The model of a training run's best validation check (``run_dir/best.pt``), in eval mode,

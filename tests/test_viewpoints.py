@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from capsutil import viewpoints
+from capsutil.affine_mnist import expand
 from capsutil.checkpoints import load_checkpoint
 from capsutil.data import load_sample
 from capsutil.models import build_loss, build_model
 from capsutil.sweep import training_data
-from capsutil.train import fit
+from capsutil.train import evaluate, fit
 
 SMALL = {"rotation": (0, 30), "translation": (0, 4)}
 
@@ -40,6 +41,16 @@ def test_the_record_scores_every_set_on_every_test_digit(tiny_run):
     assert rotation["magnitudes"] == [0, 30] and all(s["n"] == n for s in rotation["scores"])
     # rotation 0 and translation 0 are the same centred digits
     assert rotation["scores"][0] == record["families"]["translation"]["scores"][0]
+
+
+def test_the_mask_of_right_digits_reads_back_the_predictions(tiny_run):
+    model, _ = tiny_run
+    test = load_sample("test")
+    record = viewpoints.viewpoint_record(model, test, SMALL)
+    evaluation = evaluate(model, expand(test, viewpoints.EXPANDED_TEST_SEED))
+    right = viewpoints.right_mask(record["expanded_test"])
+    assert right.dtype == torch.bool and right.shape == (len(test),)
+    assert torch.equal(right, evaluation.predictions == evaluation.labels)
 
 
 def test_the_curves_score_the_first_digits_asked_for(tiny_run):
